@@ -1,0 +1,257 @@
+"""`python -m app [dump|check|plan]`: wires the stages and turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from app import __version__, allowlist, catalog, db, dump, publish, report
+from app import config as configuration
+from app import log as logging_setup
+from app.config import Config
+from app.errors import AllowListMismatch, DatabaseError, Interrupted, JobError
+from app.log import log
+from app.plan import Plan, build
+from app.scrub import ScratchSchema, drop_leftover
+
+COMMANDS = ("dump", "check", "plan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = configuration.load()
+    except JobError as exc:
+        logging_setup.setup()
+        log.error(str(exc), extra={"exit_code": exc.exit_code})
+        return exc.exit_code
+    logging_setup.setup(config.log_format, config.log_level, _secrets(config))
+    command: Callable[[Config, argparse.Namespace], int] = {
+        "dump": run_dump,
+        "check": run_check,
+        "plan": run_plan,
+    }[args.command or "dump"]
+    try:
+        return command(config, args)
+    except JobError as exc:
+        log.error(str(exc), extra={"exit_code": exc.exit_code})
+        return exc.exit_code
+    except Interrupted as exc:
+        log.error(
+            "interrupted: scratch schema dropped, nothing published",
+            extra={"exit_code": exc.exit_code, "signal": exc.signum},
+        )
+        return exc.exit_code
+    except psycopg.Error as exc:
+        log.error(f"database error: {exc}", extra={"exit_code": DatabaseError.exit_code})
+        return DatabaseError.exit_code
+    except Exception:
+        log.exception("unexpected error", extra={"exit_code": 1})
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Publish a PostgreSQL dump in which every column that the allow list does "
+        "not keep holds a deterministic fake. Configured by environment variables (README).",
+    )
+    parser.add_argument("--version", action="version", version=f"sanitised-dump {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "dump",
+        help="copy, fake, dump and publish (the default)",
+        description="Copy the listed tables into the scratch schema with fakes, "
+        "pg_dump it, drop it, and publish the dump atomically.",
+    )
+    for name, text in (
+        ("check", "compare the allow list with the live schema; writes nothing"),
+        ("plan", "show, per table and column, what is kept and each fake; writes nothing"),
+    ):
+        command = sub.add_parser(name, help=text, description=text)
+        command.add_argument("--format", choices=("text", "json"), default="text")
+    return parser
+
+
+def _secrets(config: Config) -> list[str]:
+    secrets = [os.environ.get("PGPASSWORD", "")]
+    if config.database_url:
+        with contextlib.suppress(psycopg.ProgrammingError):
+            secrets.append(str(conninfo_to_dict(config.database_url).get("password") or ""))
+    return [s for s in secrets if s]
+
+
+def _read_plan(config: Config, conn: psycopg.Connection[Any]) -> Plan:
+    allow = allowlist.load(config.allow_list)
+    return build(catalog.read(conn, allow, config.scratch_schema), config.scratch_schema)
+
+
+def run_check(config: Config, args: argparse.Namespace) -> int:
+    with db.connect(config, autocommit=True) as conn:
+        conn.read_only = True
+        with conn.transaction():
+            plan = _read_plan(config, conn)
+            result = report.check_report(plan)
+    print(report.render(result, args.format, "check"))
+    return 0
+
+
+def run_plan(config: Config, args: argparse.Namespace) -> int:
+    with db.connect(config, autocommit=True) as conn, conn.transaction():
+        plan = _read_plan(config, conn)
+        result = report.plan_report(plan, conn)
+    print(report.render(result, args.format, "plan"))
+    return 0
+
+
+def run_dump(config: Config, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    allow = allowlist.load(config.allow_list)
+    publish.check_storage(config.storage_dir)
+    _install_signal_handlers()
+    lock_conn = db.connect(config, autocommit=True)
+    try:
+        with db.connect(config) as work:
+            return _dump(config, allow, lock_conn, work, started)
+    finally:
+        lock_conn.close()
+
+
+def _dump(
+    config: Config,
+    allow: allowlist.AllowList,
+    lock_conn: psycopg.Connection[Any],
+    work: psycopg.Connection[Any],
+    started: float,
+) -> int:
+    server_major = work.info.server_version // 10000
+    pg_dump = dump.find(config.pg_dump, server_major)
+    log.info(
+        "run started",
+        extra={
+            "version": __version__,
+            "server_version": work.info.parameter_status("server_version"),
+            "pg_dump": pg_dump.version,
+            "settings": config.describe(),
+            "tables": len(allow.entries),
+        },
+    )
+    db.take_lock(lock_conn, config.scratch_schema)
+    drop_leftover(lock_conn, config.scratch_schema)
+    for stale in publish.remove_stale(config.storage_dir, config.dump_name):
+        log.warning("removed a stale temporary file", extra={"path": str(stale)})
+
+    work.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    plan = build(catalog.read(work, allow, config.scratch_schema), config.scratch_schema)
+    db.check_privileges(work, [(t.schema, t.name) for t in plan.catalog.tables])
+    needed = sum(t.size for t in plan.catalog.tables)
+    if config.max_scratch_bytes is not None and needed > config.max_scratch_bytes:
+        raise AllowListMismatch(
+            f"the listed tables take {needed} bytes, more than MAX_SCRATCH_BYTES="
+            f"{config.max_scratch_bytes}: raise the limit or list fewer tables"
+        )
+    for fk in plan.left_out:
+        log.info(
+            "foreign key left out",
+            extra={"foreign_key": fk.describe(plan.catalog), "reason": fk.reason},
+        )
+
+    scratch = ScratchSchema(work, plan)
+    temp: Path | None = None
+    committed = False
+    try:
+        copy_started = time.monotonic()
+        results = scratch.build()
+        work.commit()
+        committed = True
+        copy_seconds = time.monotonic() - copy_started
+        temp = publish.create_temp(config.storage_dir, config.dump_name)
+        dump_seconds = dump.run(
+            pg_dump,
+            config.database_url,
+            config.application_name,
+            config.scratch_schema,
+            [name for name, _ in plan.catalog.extensions],
+            temp,
+        )
+        log.info(
+            "pg_dump done", extra={"bytes": temp.stat().st_size, "seconds": round(dump_seconds, 3)}
+        )
+    except BaseException:
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+        raise
+    finally:
+        _drop_scratch(config, work, lock_conn, committed)
+
+    published = publish.publish(temp, config.dump_path)
+    log.info(
+        "published",
+        extra={"path": str(published.path), "size": published.size, "sha256": published.sha256},
+    )
+    log.info(
+        "run finished",
+        extra={
+            "tables": len(results),
+            "rows": sum(r.rows for r in results),
+            "faked_columns": sum(len(r.faked) for r in results),
+            "copy_seconds": round(copy_seconds, 3),
+            "seconds": round(time.monotonic() - started, 3),
+            "exit_code": 0,
+        },
+    )
+    return 0
+
+
+def _drop_scratch(
+    config: Config,
+    work: psycopg.Connection[Any],
+    lock_conn: psycopg.Connection[Any],
+    committed: bool,
+) -> None:
+    """Roll back what is uncommitted, drop what was committed; never raise over the
+    original error, but say loudly when the schema may be left behind."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if not work.closed and not work.broken:
+            work.rollback()
+        if committed:
+            conn = lock_conn if not lock_conn.broken else db.connect(config, autocommit=True)
+            conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    sql.Identifier(config.scratch_schema)
+                )
+            )
+            log.info("scratch schema dropped", extra={"schema": config.scratch_schema})
+    except (psycopg.Error, JobError) as exc:
+        log.error(
+            "could not drop the scratch schema; the next run drops it",
+            extra={"schema": config.scratch_schema, "error": str(exc)},
+        )
+
+
+def _install_signal_handlers() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

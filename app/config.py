@@ -1,0 +1,128 @@
+"""Configuration, read once from the environment into a frozen dataclass (SPEC §2)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import ConfigError
+
+DEFAULT_ALLOW_LIST = Path(__file__).resolve().parent.parent / "allow_list.json"
+_DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)?$")
+_SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)(i?[bB])?$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str | None
+    allow_list: Path
+    storage_dir: Path
+    dump_name: str
+    scratch_schema: str
+    log_format: str
+    log_level: str
+    pg_dump: str
+    lock_timeout: str
+    max_scratch_bytes: int | None
+    connect_attempts: int
+    connect_wait: float
+    application_name: str
+
+    @property
+    def dump_path(self) -> Path:
+        return self.storage_dir / self.dump_name
+
+    def describe(self) -> dict[str, object]:
+        """Settings for the start log line: no connection string, so no secret."""
+        return {
+            "database_url_set": self.database_url is not None,
+            "allow_list": str(self.allow_list),
+            "storage_dir": str(self.storage_dir),
+            "dump_name": self.dump_name,
+            "scratch_schema": self.scratch_schema,
+            "pg_dump": self.pg_dump,
+            "lock_timeout": self.lock_timeout,
+            "max_scratch_bytes": self.max_scratch_bytes,
+            "connect_attempts": self.connect_attempts,
+        }
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate every variable; a bad one raises ConfigError naming it."""
+    env = os.environ if env is None else env
+
+    def get(name: str, default: str) -> str:
+        value = env.get(name, "").strip()
+        return value or default
+
+    log_format = get("LOG_FORMAT", "json").lower()
+    if log_format not in ("json", "text"):
+        raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', not {log_format!r}")
+    log_level = get("LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
+
+    dump_name = get("DUMP_NAME", "sanitised.dump")
+    if "/" in dump_name or dump_name in (".", "..") or dump_name.startswith("tmp-sanitised-dump"):
+        raise ConfigError(f"DUMP_NAME must be a plain file name, not {dump_name!r}")
+
+    scratch = get("SCRATCH_SCHEMA", "temp_scrubbed_schema")
+    if (
+        len(scratch.encode()) > 63
+        or scratch.lower().startswith("pg_")
+        or scratch in ("public", "information_schema")
+        or "\x00" in scratch
+    ):
+        raise ConfigError(
+            f"SCRATCH_SCHEMA {scratch!r} is not usable: at most 63 bytes, not public, "
+            "information_schema or pg_*"
+        )
+
+    lock_timeout = get("LOCK_TIMEOUT", "5s")
+    if not _DURATION.match(lock_timeout):
+        raise ConfigError(f"LOCK_TIMEOUT must be a duration like 5s or 500ms, not {lock_timeout!r}")
+
+    return Config(
+        database_url=env.get("DATABASE_URL") or None,
+        allow_list=Path(get("ALLOW_LIST", str(DEFAULT_ALLOW_LIST))),
+        storage_dir=Path(get("STORAGE_DIR", "/storage")),
+        dump_name=dump_name,
+        scratch_schema=scratch,
+        log_format=log_format,
+        log_level=log_level,
+        pg_dump=get("PG_DUMP", "pg_dump"),
+        lock_timeout=lock_timeout,
+        max_scratch_bytes=_size(env, "MAX_SCRATCH_BYTES"),
+        connect_attempts=_number(env, "CONNECT_ATTEMPTS", 5, int),
+        connect_wait=_number(env, "CONNECT_WAIT", 2.0, float),
+        application_name=get("APPLICATION_NAME", "sanitised-dump"),
+    )
+
+
+def _size(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    match = _SIZE.match(raw)
+    if not match:
+        raise ConfigError(
+            f"{name} must be a size in bytes like 500000000, 20GB or 20GiB, not {raw!r}"
+        )
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _number[T: (int, float)](env: Mapping[str, str], name: str, default: T, kind: type[T]) -> T:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be greater than 0, not {raw!r}")
+    return value

@@ -1,0 +1,130 @@
+"""pg_dump: found and version-checked at start, run without a shell, password in env only."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from app.errors import PgDumpError
+from app.log import log
+
+_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class PgDump:
+    path: str
+    major: int
+    version: str
+
+
+def find(binary: str, server_major: int) -> PgDump:
+    """Resolve pg_dump once and refuse one older than the server (SPEC §2, exit 5)."""
+    path = shutil.which(binary)
+    if path is None:
+        raise PgDumpError(f"pg_dump not found: {binary!r} (set PG_DUMP or install the client)")
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise PgDumpError(f"{path} --version failed: {exc}") from None
+    match = _VERSION.search(out)
+    if not match:
+        raise PgDumpError(f"cannot read the version of {path}: {out.strip()!r}")
+    major = int(match.group(1))
+    if major < server_major:
+        raise PgDumpError(
+            f"pg_dump {major} ({path}) is older than the server ({server_major}): use a "
+            f"pg_dump of major {server_major} or newer (PG_DUMP, or the image's PG_MAJOR)"
+        )
+    return PgDump(path=path, major=major, version=out.strip())
+
+
+def child_env(database_url: str | None, application_name: str) -> tuple[str | None, dict[str, str]]:
+    """The --dbname conninfo without the password, and the child's environment with it."""
+    env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    env["PGAPPNAME"] = application_name
+    if database_url is None:
+        return None, env
+    params = conninfo_to_dict(database_url)
+    password = params.pop("password", None)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    params.setdefault("application_name", application_name)
+    return make_conninfo(**{k: str(v) for k, v in params.items()}), env
+
+
+def pattern(name: str) -> str:
+    """A pg_dump name pattern matching exactly `name`: quoted, quotes doubled."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def run(
+    pg_dump: PgDump,
+    database_url: str | None,
+    application_name: str,
+    schema: str,
+    extensions: list[str],
+    output: Path,
+    extra: list[str] | None = None,
+) -> float:
+    """Dump the scratch schema into `output`; return the seconds it took."""
+    dbname, env = child_env(database_url, application_name)
+    args = [
+        pg_dump.path,
+        "--format=custom",
+        "--no-owner",
+        "--no-acl",
+        f"--schema={pattern(schema)}",
+        f"--file={output}",
+        *[f"--extension={pattern(e)}" for e in extensions],
+        *(extra or []),
+    ]
+    if dbname is not None:
+        args.append(f"--dbname={dbname}")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        args,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        _, stderr = process.communicate()
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+    seconds = time.monotonic() - started
+    if process.returncode != 0:
+        message = stderr.decode(errors="replace").strip()[-2000:]
+        raise PgDumpError(f"pg_dump failed (exit {process.returncode}): {message}")
+    log.debug("pg_dump finished", extra={"seconds": round(seconds, 3)})
+    return seconds
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills pg_dump if the job dies, so it never writes on alone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,62 @@
+"""Logging: JSON lines by default (SPEC §7), with every known secret masked."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable
+
+from pythonjsonlogger.json import JsonFormatter
+
+MASK = "********"
+# password=... in a conninfo string, and user:password@ in a URI.
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)")
+
+log = logging.getLogger("sanitised_dump")
+
+
+class SecretFilter(logging.Filter):
+    """Masks passwords in the message and in every string field of a record."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        text = _CONNINFO_PASSWORD.sub(rf"\g<1>{MASK}", text)
+        return _URI_PASSWORD.sub(rf"\g<1>{MASK}\g<3>", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.mask(record.getMessage())
+        record.args = None
+        for key, value in list(record.__dict__.items()):
+            if isinstance(value, str) and key not in ("msg", "levelname", "name"):
+                setattr(record, key, self.mask(value))
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def setup(log_format: str = "json", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """Log to stderr; stdout stays free for the reports of check, plan and inspect."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level"},
+                timestamp=False,
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(SecretFilter(secrets))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
