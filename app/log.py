@@ -42,6 +42,21 @@ class SecretFilter(logging.Filter):
         return True
 
 
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL message key=value ...`: the same fields as JSON, for people."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        return " ".join([line, *(f"{k}={v}" for k, v in extras.items())])
+
+
 def setup(log_format: str = "json", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     """Log to stderr; stdout stays free for the reports of check, plan and inspect."""
     handler = logging.StreamHandler(sys.stderr)
@@ -55,7 +70,7 @@ def setup(log_format: str = "json", level: str = "INFO", secrets: Iterable[str] 
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(SecretFilter(secrets))
     log.handlers[:] = [handler]
     log.setLevel(level)
