@@ -130,11 +130,25 @@ def _scratch_database(server: Server) -> Iterator[str]:
     server.drop_database(name)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Whatever uses a server is an integration test, so `-m "not integration"` works."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Whatever uses a server is an integration test, so `-m "not integration"` works.
+
+    Tests marked `one_major` prove something the server's major does not change: they run
+    on the newest major of the run only, to keep the suite short."""
+    newest = None if EXTERNAL_URL else max(MAJORS)
+    keep, drop = [], []
     for item in items:
         if "pg_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+            callspec = getattr(item, "callspec", None)
+            major = callspec.params.get("pg_server") if callspec else None
+            if item.get_closest_marker("one_major") and major != newest:
+                drop.append(item)
+                continue
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 # REQUIRE_NO_SKIPS: CI must not go green while tests quietly skip (a missing binary,
