@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PG_MAJORS ?= 17
 export PG_MAJORS
 
-.PHONY: setup lint test demo
+.PHONY: setup lint test demo bench
 
 setup: $(VENV)/.installed
 
@@ -25,3 +25,7 @@ test: setup lint
 
 demo: setup
 	$(PY) -m tests.demo
+
+# The job against a raw pg_dump on a throwaway PostgreSQL 18 (docs/performance.md); slow.
+bench: setup
+	$(PY) -m bench.run $(BENCH_ARGS)
