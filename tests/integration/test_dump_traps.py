@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,3 +298,56 @@ def test_max_scratch_bytes_refuses_a_copy_too_big(
     assert result.returncode == 3
     assert "MAX_SCRATCH_BYTES" in result.logs[-1]["message"]
     assert SCRATCH not in jobrun.schemas(source_db)
+
+
+@pytest.mark.one_major
+def test_a_migration_holding_a_lock_makes_the_run_give_up_quickly(
+    pg_server: Server, source_db: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(source_db) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, email text)")
+    path = tmp_path / "allow.json"
+    path.write_text('{"t": ["id"]}')
+    env = jobrun.job_env(
+        source_db, tmp_path, pg_server.bindir, ALLOW_LIST=str(path), LOCK_TIMEOUT="300ms"
+    )
+    with psycopg.connect(source_db) as migration:
+        migration.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        result = jobrun.run(env, "dump")
+    assert result.returncode == 4, result.stderr
+    assert "LOCK_TIMEOUT=300ms" in result.logs[-1]["message"]
+    assert SCRATCH not in jobrun.schemas(source_db)
+
+
+@pytest.mark.one_major
+def test_the_job_is_visible_to_operators_by_name(
+    pg_server: Server, source_db: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(source_db) as conn:
+        conn.execute(
+            "CREATE TABLE t AS SELECT i AS id, 'x' || i AS email FROM generate_series(1, 200) i;"
+            "ALTER TABLE t ADD PRIMARY KEY (id);"
+            "ALTER TABLE t ADD CONSTRAINT slow CHECK (length(pg_sleep(0.01)::text) = 0)"
+        )
+    path = tmp_path / "allow.json"
+    path.write_text('{"t": ["id"]}')
+    env = jobrun.job_env(source_db, tmp_path, pg_server.bindir, ALLOW_LIST=str(path))
+    job = jobrun.start(env, "dump")
+    try:
+        seen: set[str] = set()
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            for _ in range(100):
+                seen |= {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT application_name FROM pg_stat_activity WHERE datname ="
+                        " current_database() AND pid <> pg_backend_pid()"
+                    )
+                }
+                if "sanitised-dump" in seen or job.poll() is not None:
+                    break
+                time.sleep(0.05)
+        assert "sanitised-dump" in seen
+    finally:
+        _, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
