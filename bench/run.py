@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -285,9 +286,16 @@ def stages(logs: list[dict[str, Any]], total: float) -> dict[str, float]:
     for line in logs:
         by_message.setdefault(line.get("message", ""), line)
     finished = by_message.get("run finished", {})
+    tables = [x for x in logs if x.get("message") == "table copied"]
     if "stage_seconds" in finished:
-        return {**finished["stage_seconds"], "total": round(total, 3)}
-    inserts = sum(x.get("seconds", 0.0) for x in logs if x.get("message") == "table copied")
+        out = dict(finished["stage_seconds"])
+        if tables and "index_seconds" in tables[0]:
+            # Summed over the tables: more than the stage when connections work in parallel.
+            indexes = sum(x["index_seconds"] for x in tables)
+            out["inserts_sum"] = round(sum(x["seconds"] for x in tables) - indexes, 3)
+            out["indexes_sum"] = round(indexes, 3)
+        return {**out, "total": round(total, 3)}
+    inserts = sum(x.get("seconds", 0.0) for x in tables)
     copy_total = float(finished.get("copy_seconds", 0.0))
     dumped = by_message.get("pg_dump done", {})
     pg_dump = float(dumped.get("seconds", 0.0))
@@ -385,12 +393,14 @@ def machine() -> dict[str, Any]:
 
 
 def job_compression(env: dict[str, str]) -> str | None:
-    """The --compress value the job passes to pg_dump with these settings, if it has one."""
-    from app import config
+    """The compression the job of this worktree writes its dump with, given these settings."""
+    from app import config, dump
 
+    if not hasattr(dump, "compression"):
+        return None
     loaded = config.load({**env, "DATABASE_URL": "x"})
-    value = getattr(loaded, "dump_compression", None)
-    return str(value) if value else None
+    pg_dump = dump.PgDump(path="pg_dump", major=MAJOR, version="")
+    return str(dump.compression(loaded.dump_compression, pg_dump))
 
 
 @contextlib.contextmanager
@@ -522,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(text: str) -> None:
         print(text, flush=True)
+
+    # A kill stops the benchmark's server too, through the `with` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     variants = parse_variants(args)
     storage = args.workdir / "storage"
