@@ -152,12 +152,14 @@ def _dump(
 ) -> int:
     server_major = work.info.server_version // 10000
     pg_dump = dump.find(config.pg_dump, server_major)
+    compression = dump.compression(config.dump_compression, pg_dump)
     log.info(
         "run started",
         extra={
             "version": __version__,
             "server_version": work.info.parameter_status("server_version"),
             "pg_dump": pg_dump.version,
+            "compression": compression,
             "settings": config.describe(),
             "tables": len(allow.entries),
         },
@@ -199,15 +201,22 @@ def _dump(
             config.scratch_schema,
             [name for name, _ in plan.catalog.extensions],
             temp,
+            compression=compression,
         )
         log.info(
-            "pg_dump done", extra={"bytes": temp.stat().st_size, "seconds": round(dump_seconds, 3)}
+            "pg_dump done",
+            extra={
+                "bytes": temp.stat().st_size,
+                "compression": compression,
+                "seconds": round(dump_seconds, 3),
+            },
         )
     except BaseException:
         if temp is not None:
             temp.unlink(missing_ok=True)
         raise
     finally:
+        dump_finished = time.monotonic()
         _drop_scratch(config, work, lock_conn, committed)
 
     published = publish.publish(temp, config.dump_path)
@@ -222,6 +231,12 @@ def _dump(
             "rows": sum(r.rows for r in results),
             "faked_columns": sum(len(r.faked) for r in results),
             "copy_seconds": round(copy_seconds, 3),
+            "stage_seconds": {
+                "plan": round(copy_started - started, 3),
+                "copy": round(copy_seconds, 3),
+                "pg_dump": round(dump_seconds, 3),
+                "drop_publish": round(time.monotonic() - dump_finished, 3),
+            },
             "seconds": round(time.monotonic() - started, 3),
             "exit_code": 0,
         },

@@ -14,6 +14,8 @@ DEFAULT_ALLOW_LIST = Path(__file__).resolve().parent.parent / "allow_list.json"
 _DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)?$")
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)(i?[bB])?$")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# pg_dump's --compress methods and the levels each accepts.
+COMPRESSION_LEVELS = {"none": None, "gzip": (1, 9), "lz4": (1, 12), "zstd": (1, 22)}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Config:
     connect_attempts: int
     connect_wait: float
     application_name: str
+    dump_compression: str | None  # None: the default for the pg_dump found (app.dump)
 
     @property
     def dump_path(self) -> Path:
@@ -48,6 +51,7 @@ class Config:
             "lock_timeout": self.lock_timeout,
             "max_scratch_bytes": self.max_scratch_bytes,
             "connect_attempts": self.connect_attempts,
+            "dump_compression": self.dump_compression,
         }
 
 
@@ -100,7 +104,28 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         connect_attempts=_number(env, "CONNECT_ATTEMPTS", 5, int),
         connect_wait=_number(env, "CONNECT_WAIT", 2.0, float),
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
+        dump_compression=_compression(env, "DUMP_COMPRESSION"),
     )
+
+
+def _compression(env: Mapping[str, str], name: str) -> str | None:
+    """`method` or `method:level`, as pg_dump's --compress takes it; unset: None."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return None
+    method, _, level = raw.partition(":")
+    problem = (
+        f"{name} must be none, gzip, lz4 or zstd, optionally with a level (zstd:3), not {raw!r}"
+    )
+    if method not in COMPRESSION_LEVELS:
+        raise ConfigError(problem)
+    if not level:
+        return method
+    bounds = COMPRESSION_LEVELS[method]
+    if bounds is None or not level.isdigit() or not bounds[0] <= int(level) <= bounds[1]:
+        where = f"{bounds[0]} to {bounds[1]}" if bounds else "none"
+        raise ConfigError(f"{problem}: levels of {method} are {where}")
+    return f"{method}:{int(level)}"
 
 
 def _size(env: Mapping[str, str], name: str) -> int | None:
@@ -115,7 +140,9 @@ def _size(env: Mapping[str, str], name: str) -> int | None:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-def _number[T: (int, float)](env: Mapping[str, str], name: str, default: T, kind: type[T]) -> T:
+def _number[T: (int, float)](
+    env: Mapping[str, str], name: str, default: T, kind: type[T], most: T | None = None
+) -> T:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -125,4 +152,6 @@ def _number[T: (int, float)](env: Mapping[str, str], name: str, default: T, kind
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{name} must be greater than 0, not {raw!r}")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} must be at most {most}, not {raw!r}")
     return value

@@ -19,6 +19,10 @@ from app.log import log
 
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 _PR_SET_PDEATHSIG = 1
+# Measured (docs/performance.md): zstd level 1 dumps fastest of all at about gzip's size.
+# Older pg_dump has gzip only; level 1 is much faster than its default of 6, a bit larger.
+DEFAULT_COMPRESSION = "zstd:1"
+DEFAULT_COMPRESSION_BEFORE_16 = "gzip:1"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,30 @@ def find(binary: str, server_major: int) -> PgDump:
     return PgDump(path=path, major=major, version=out.strip())
 
 
+def compression(setting: str | None, pg_dump: PgDump) -> str:
+    """The compression the dump is written with: DUMP_COMPRESSION, or the default for this
+    pg_dump. lz4 and zstd need pg_dump 16 or newer (exit 5, naming the variable)."""
+    if setting is None:
+        return DEFAULT_COMPRESSION if pg_dump.major >= 16 else DEFAULT_COMPRESSION_BEFORE_16
+    method = setting.partition(":")[0]
+    if method in ("lz4", "zstd") and pg_dump.major < 16:
+        raise PgDumpError(
+            f"DUMP_COMPRESSION={setting} needs pg_dump 16 or newer, and {pg_dump.path} is "
+            f"{pg_dump.major}: use gzip or none, or a newer pg_dump (PG_DUMP)"
+        )
+    return setting
+
+
+def compress_flags(value: str, major: int) -> list[str]:
+    """pg_dump 16 takes METHOD[:LEVEL]; older ones take a gzip level, 0 for none."""
+    if major >= 16:
+        return [f"--compress={value}"]
+    method, _, level = value.partition(":")
+    if method == "none":
+        return ["--compress=0"]
+    return [f"--compress={level}"] if level else []
+
+
 def child_env(database_url: str | None, application_name: str) -> tuple[str | None, dict[str, str]]:
     """The --dbname conninfo without the password, and the child's environment with it."""
     env = dict(os.environ)
@@ -79,6 +107,7 @@ def run(
     extensions: list[str],
     output: Path,
     extra: list[str] | None = None,
+    compression: str | None = None,
 ) -> float:
     """Dump the scratch schema into `output`; return the seconds it took."""
     dbname, env = child_env(database_url, application_name)
@@ -90,6 +119,7 @@ def run(
         f"--schema={pattern(schema)}",
         f"--file={output}",
         *[f"--extension={pattern(e)}" for e in extensions],
+        *(compress_flags(compression, pg_dump.major) if compression else []),
         *(extra or []),
     ]
     if dbname is not None:

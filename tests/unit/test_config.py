@@ -59,9 +59,21 @@ def test_settings_are_read() -> None:
         ("MAX_SCRATCH_BYTES", "lots"),
         ("CONNECT_ATTEMPTS", "0"),
         ("CONNECT_WAIT", "-1"),
+        ("DUMP_COMPRESSION", "brotli"),
+        ("DUMP_COMPRESSION", "zstd:99"),
+        ("DUMP_COMPRESSION", "gzip:fast"),
+        ("DUMP_COMPRESSION", "none:1"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name) as info:
         config.load({name: value})
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", None), ("zstd", "zstd"), ("ZSTD:3", "zstd:3"), ("gzip:09", "gzip:9"), ("none", "none")],
+)
+def test_dump_compression_is_normalised(value: str, expected: str | None) -> None:
+    assert config.load({"DUMP_COMPRESSION": value}).dump_compression == expected
