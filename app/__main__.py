@@ -184,14 +184,15 @@ def _dump(
             extra={"foreign_key": fk.describe(plan.catalog), "reason": fk.reason},
         )
 
-    scratch = ScratchSchema(work, plan)
+    scratch = ScratchSchema(
+        work, plan, lambda: db.connect(config), connections=config.copy_connections
+    )
     temp: Path | None = None
-    committed = False
     try:
         copy_started = time.monotonic()
         results = scratch.build()
         work.commit()
-        committed = True
+        scratch.committed = True
         copy_seconds = time.monotonic() - copy_started
         temp = publish.create_temp(config.storage_dir, config.dump_name)
         dump_seconds = dump.run(
@@ -217,7 +218,7 @@ def _dump(
         raise
     finally:
         dump_finished = time.monotonic()
-        _drop_scratch(config, work, lock_conn, committed)
+        _drop_scratch(config, work, lock_conn, scratch.committed)
 
     published = publish.publish(temp, config.dump_path)
     log.info(
@@ -233,7 +234,7 @@ def _dump(
             "copy_seconds": round(copy_seconds, 3),
             "stage_seconds": {
                 "plan": round(copy_started - started, 3),
-                "copy": round(copy_seconds, 3),
+                **scratch.stages,
                 "pg_dump": round(dump_seconds, 3),
                 "drop_publish": round(time.monotonic() - dump_finished, 3),
             },

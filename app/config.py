@@ -34,6 +34,7 @@ class Config:
     connect_wait: float
     application_name: str
     dump_compression: str | None  # None: the default for the pg_dump found (app.dump)
+    copy_connections: int
 
     @property
     def dump_path(self) -> Path:
@@ -52,6 +53,7 @@ class Config:
             "max_scratch_bytes": self.max_scratch_bytes,
             "connect_attempts": self.connect_attempts,
             "dump_compression": self.dump_compression,
+            "copy_connections": self.copy_connections,
         }
 
 
@@ -105,6 +107,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         connect_wait=_number(env, "CONNECT_WAIT", 2.0, float),
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
         dump_compression=_compression(env, "DUMP_COMPRESSION"),
+        copy_connections=_number(env, "COPY_CONNECTIONS", 2, int, most=16),
     )
 
 

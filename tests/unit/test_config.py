@@ -20,6 +20,7 @@ def test_defaults_match_the_contract() -> None:
     assert c.pg_dump == "pg_dump"
     assert c.allow_list.name == "allow_list.json" and c.allow_list.is_file()
     assert c.max_scratch_bytes is None
+    assert c.copy_connections == 2
     assert c.dump_path == Path("/storage/sanitised.dump")
 
 
@@ -59,6 +60,9 @@ def test_settings_are_read() -> None:
         ("MAX_SCRATCH_BYTES", "lots"),
         ("CONNECT_ATTEMPTS", "0"),
         ("CONNECT_WAIT", "-1"),
+        ("COPY_CONNECTIONS", "0"),
+        ("COPY_CONNECTIONS", "17"),
+        ("COPY_CONNECTIONS", "two"),
         ("DUMP_COMPRESSION", "brotli"),
         ("DUMP_COMPRESSION", "zstd:99"),
         ("DUMP_COMPRESSION", "gzip:fast"),
