@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 from psycopg import errors as pgerrors
@@ -101,6 +102,15 @@ class UnderOriginalNames:
 
     def index_name(self, name: str) -> str:
         return name
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows `after` < n <= `last` (no upper bound when None) of a table numbered in
+    primary key order."""
+
+    after: int
+    last: int | None
 
 
 def table_ident(place: Placement, tp: TablePlan) -> sql.Identifier:
@@ -216,14 +226,18 @@ def create_table(tp: TablePlan, place: Placement) -> list[sql.Composed]:
     return statements
 
 
-def select_rows(tp: TablePlan) -> sql.Composed:
+def select_rows(tp: TablePlan, rows: Chunk | None = None) -> sql.Composed:
     """The rows to copy, as the source computes them: kept columns verbatim, every other
-    column its fake. Only these values ever leave the source table."""
+    column its fake. Only these values ever leave the source table.
+
+    `rows` keeps one slice of the numbered rows, so that several statements can copy one
+    table between them with the very numbers, and fakes, that one statement gives."""
     inserted = [c for c in tp.columns if c.expression is not None]
     source = sql.Identifier(tp.table.schema, tp.table.name)
     only = sql.SQL("ONLY ") if tp.table.relkind == "r" else sql.SQL("")
     needed = sql.SQL(", ").join(sql.Identifier(c.column.name) for c in inserted)
-    if tp.needs_row_number:
+    where: sql.Composable = sql.SQL("")
+    if tp.needs_row_number or rows is not None:
         order = (
             sql.SQL("ORDER BY {}").format(
                 sql.SQL(", ").join(sql.Identifier(c) for c in tp.order_by)
@@ -234,11 +248,17 @@ def select_rows(tp: TablePlan) -> sql.Composed:
         needed = sql.SQL("{}, row_number() OVER ({}) AS {}").format(
             needed, order, sql.Identifier(tp.row_number)
         )
-    return sql.SQL("SELECT {values} FROM (SELECT {needed} FROM {only}{source}) AS s").format(
+    if rows is not None:
+        number = sql.Identifier("s", tp.row_number)
+        where = sql.SQL(" WHERE {} > {}").format(number, sql.Literal(rows.after))
+        if rows.last is not None:
+            where = sql.SQL("{} AND {} <= {}").format(where, number, sql.Literal(rows.last))
+    return sql.SQL("SELECT {values} FROM (SELECT {needed} FROM {only}{source}) AS s{where}").format(
         values=sql.SQL(", ").join(c.expression for c in inserted if c.expression),
         needed=needed,
         only=only,
         source=source,
+        where=where,
     )
 
 
@@ -251,7 +271,7 @@ def column_list(tp: TablePlan) -> sql.Composable:
     return sql.SQL(", ").join(sql.Identifier(c.name) for c in inserted_columns(tp))
 
 
-def insert_rows(tp: TablePlan, place: Placement) -> sql.Composed:
+def insert_rows(tp: TablePlan, place: Placement, rows: Chunk | None = None) -> sql.Composed:
     """One INSERT ... SELECT, for a copy inside the source database."""
     overriding = (
         sql.SQL(" OVERRIDING SYSTEM VALUE")
@@ -262,7 +282,7 @@ def insert_rows(tp: TablePlan, place: Placement) -> sql.Composed:
         target=table_ident(place, tp),
         columns=column_list(tp),
         overriding=overriding,
-        select=select_rows(tp),
+        select=select_rows(tp, rows),
     )
 
 

@@ -10,6 +10,7 @@ pg_dump can see it, and the caller drops the schema afterwards, also after a fai
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,11 +20,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from app import ddl
+from app import ddl, parallel
 from app.errors import AllowListMismatch, ConfigError
 from app.log import log
 from app.plan import Plan, TablePlan
 
+# A table smaller than this is never split between connections.
+MIN_SLICE_BYTES = 64 * 1024 * 1024
 MARKER = "sanitised-dump scratch schema: dropped after every run, safe to drop"
 
 # Objects in the scratch schema that still depend on an object of another schema (other
@@ -81,7 +84,7 @@ class ScratchSchema:
         self.schema = plan.scratch_schema
         self.place = ddl.InScratchSchema(plan)
         self.connect = connect
-        self.connections = max(1, min(connections, len(plan.tables))) if connect else 1
+        self.connections = max(1, connections) if connect else 1
         self.committed = False  # once True, only a DROP SCHEMA removes the copy
         self.stages: dict[str, float] = {}  # seconds of each step, for the run's last log line
 
@@ -89,32 +92,20 @@ class ScratchSchema:
         """Create, fill and index every table, add the foreign keys; the caller commits."""
         started = time.monotonic()
         self._create()
-        workers = [self.conn]
-        try:
-            if self.connections > 1:
-                self.conn.commit()
-                self.committed = True
-                row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
-                assert row is not None
-                self._set_path(self.conn)
-                assert self.connect is not None
-                for _ in range(self.connections - 1):
-                    workers.append(self.connect())
-                    _import_snapshot(workers[-1], row[0])
-                    self._set_path(workers[-1])
+        slices = self._slices() if self.connections > 1 else []
+        if sum(len(chunks) for _, chunks in slices) <= 1:
             self.stages["prepare"] = round(time.monotonic() - started, 3)
             started = time.monotonic()
-            results = _in_parallel(self.plan.tables, workers, self._copy)
-            for worker in workers[1:]:
-                worker.commit()
-            self.stages["copy"] = round(time.monotonic() - started, 3)
-        finally:
-            for worker in workers[1:]:
-                worker.close()
-        if self.committed:
-            # A transaction that sees what the others committed.
+            results = [self._copy_whole(tp) for tp in self.plan.tables]
+        else:
+            self.conn.commit()
+            self.committed = True
+            results = self._copy_in_parallel(started, slices)
+            started += self.stages["prepare"]
+            # Ends the exporting transaction; the next one sees what the others committed.
             self.conn.commit()
             self._set_path(self.conn)
+        self.stages["copy"] = round(time.monotonic() - started, 3)
         started = time.monotonic()
         self._add_foreign_keys()
         self.stages["foreign_keys"] = round(time.monotonic() - started, 3)
@@ -189,78 +180,127 @@ class ScratchSchema:
                 + "; ".join(f"{obj} needs {needs}" for obj, needs in rows)
             )
 
-    def _copy(self, conn: psycopg.Connection[Any], tp: TablePlan) -> TableResult:
-        """One table: its rows, its sequences, then its indexes and constraints."""
+    def _copy_whole(self, tp: TablePlan) -> TableResult:
+        """One table in the open transaction: its rows, its indexes, its sequences."""
         started = time.monotonic()
         with ddl.explained(tp.table, "copying"):
-            rows = conn.execute(ddl.insert_rows(tp, self.place)).rowcount
-            for statement, params in ddl.continue_sequences(tp, self.place):
-                conn.execute(statement, params)
+            rows = self.conn.execute(ddl.insert_rows(tp, self.place)).rowcount
         copied = time.monotonic()
+        self._index(self.conn, tp)
+        return table_copied(tp, rows, started, index_seconds=time.monotonic() - copied)
+
+    def _index(self, conn: psycopg.Connection[Any], tp: TablePlan) -> None:
+        """Indexes and constraints after the load; then the sequences, whose max() the
+        primary key now answers."""
         with ddl.explained(tp.table, "indexing"):
             for statement in ddl.index(tp, self.place):
                 conn.execute(statement)
-        return table_copied(tp, rows, started, index_seconds=time.monotonic() - copied)
+        with ddl.explained(tp.table, "copying"):
+            for statement, params in ddl.continue_sequences(tp, self.place):
+                conn.execute(statement, params)
+
+    def _copy_in_parallel(
+        self, started: float, slices: list[tuple[TablePlan, list[ddl.Chunk | None]]]
+    ) -> list[TableResult]:
+        """Every connection imports the snapshot this transaction exports, which stays open
+        (and idle) until all of them are done."""
+        conn = self.conn
+        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None and self.connect is not None
+        conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
+        workers: list[psycopg.Connection[Any]] = []
+        try:
+            for _ in range(min(self.connections, sum(len(chunks) for _, chunks in slices))):
+                workers.append(self.connect())
+                workers[-1].isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            self.stages["prepare"] = round(time.monotonic() - started, 3)
+            return _ParallelCopy(self, row[0], slices, workers).run()
+        finally:
+            for worker in workers:
+                worker.close()
+
+    def _slices(self) -> list[tuple[TablePlan, list[ddl.Chunk | None]]]:
+        """Each table whole, or, if it is big next to the others and has a primary key to
+        number its rows by, in slices of about equal row counts (estimated: the last slice
+        takes whatever is left), so that no single table keeps one connection busy alone."""
+        tables = self.plan.tables
+        total = sum(tp.table.size for tp in tables)
+        target = max(total / (2 * self.connections), MIN_SLICE_BYTES, 1)
+        out: list[tuple[TablePlan, list[ddl.Chunk | None]]] = []
+        for tp in tables:
+            parts = min(math.ceil(tp.table.size / target), 2 * self.connections)
+            rows = 0.0
+            if parts > 1 and tp.order_by and tp.table.relkind == "r":
+                found = self.conn.execute(
+                    "SELECT reltuples FROM pg_class WHERE oid = %s", [tp.table.oid]
+                ).fetchone()
+                rows = float(found[0]) if found else 0.0
+            if rows < parts:  # not split, or never analyzed
+                out.append((tp, [None]))
+                continue
+            bounds = [round(rows * i / parts) for i in range(parts)]
+            chunks: list[ddl.Chunk | None] = [
+                ddl.Chunk(bounds[i], bounds[i + 1]) for i in range(parts - 1)
+            ]
+            out.append((tp, [*chunks, ddl.Chunk(bounds[-1], None)]))
+        return out
 
 
-def _import_snapshot(conn: psycopg.Connection[Any], snapshot: str) -> None:
-    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+class _ParallelCopy:
+    """The slices of every table, the biggest first, each in a transaction of its own that
+    imports the snapshot; a table's indexes go ahead of the queue once its last slice is in."""
 
+    def __init__(
+        self,
+        scratch: ScratchSchema,
+        snapshot: str,
+        slices: list[tuple[TablePlan, list[ddl.Chunk | None]]],
+        workers: list[psycopg.Connection[Any]],
+    ) -> None:
+        self.scratch = scratch
+        self.snapshot = snapshot
+        self.pool = parallel.Pool(workers)
+        self.guard = threading.Lock()
+        self.left = {tp.table.oid: len(chunks) for tp, chunks in slices}
+        self.rows = {tp.table.oid: 0 for tp, _ in slices}
+        self.started: dict[int, float] = {}
+        self.results: dict[int, TableResult] = {}
+        tasks = [(tp.table.size / len(chunks), tp, c) for tp, chunks in slices for c in chunks]
+        for _, tp, chunk in sorted(tasks, key=lambda t: t[0], reverse=True):
+            self.pool.add(self._copy_task(tp, chunk))
 
-def _in_parallel(
-    tables: list[TablePlan],
-    workers: list[psycopg.Connection[Any]],
-    copy: Callable[[psycopg.Connection[Any], TablePlan], TableResult],
-) -> list[TableResult]:
-    """Copy the tables, largest first, each on whichever connection is free; the first
-    connection works in this thread, so that a signal interrupts its statement.
+    def run(self) -> list[TableResult]:
+        self.pool.run()
+        return [self.results[tp.table.oid] for tp in self.scratch.plan.tables]
 
-    On the first failure (or a signal) every other statement is cancelled, and that first
-    error is raised once all threads are done."""
-    queue = sorted(tables, key=lambda tp: tp.table.size, reverse=True)
-    done: dict[int, TableResult] = {}
-    failures: list[BaseException] = []
-    guard = threading.Lock()
+    def _copy_task(self, tp: TablePlan, chunk: ddl.Chunk | None) -> parallel.Task:
+        return lambda conn: self._copy(conn, tp, chunk)
 
-    def work(conn: psycopg.Connection[Any]) -> None:
-        while True:
-            with guard:
-                if failures or not queue:
-                    return
-                tp = queue.pop(0)
-            try:
-                done[tp.table.oid] = copy(conn, tp)
-            except BaseException as exc:
-                with guard:
-                    failures.append(exc)
-                for other in workers:
-                    if other is not conn:
-                        other.cancel_safe(timeout=5)
-                return
+    def _copy(self, conn: psycopg.Connection[Any], tp: TablePlan, chunk: ddl.Chunk | None) -> None:
+        oid = tp.table.oid
+        with self.guard:
+            self.started.setdefault(oid, time.monotonic())
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+        self.scratch._set_path(conn)
+        with ddl.explained(tp.table, "copying"):
+            rows = conn.execute(ddl.insert_rows(tp, self.scratch.place, chunk)).rowcount
+        conn.commit()
+        with self.guard:
+            self.rows[oid] += rows
+            self.left[oid] -= 1
+            last = self.left[oid] == 0
+        if last:
+            self.pool.add(lambda conn: self._index(conn, tp), first=True)
 
-    threads = [
-        threading.Thread(target=work, args=(conn,), name=f"copy-{n}", daemon=True)
-        for n, conn in enumerate(workers[1:], start=1)
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        work(workers[0])
-        while failures == [] and any(t.is_alive() for t in threads):
-            for thread in threads:
-                thread.join(timeout=1)
-    except BaseException as exc:
-        with guard:
-            failures.append(exc)
-    if failures:
-        while any(t.is_alive() for t in threads):
-            for conn in workers:
-                conn.cancel_safe(timeout=5)
-            for thread in threads:
-                thread.join(timeout=0.5)
-        raise failures[0]
-    return [done[tp.table.oid] for tp in tables]
+    def _index(self, conn: psycopg.Connection[Any], tp: TablePlan) -> None:
+        started = time.monotonic()
+        self.scratch._set_path(conn)
+        self.scratch._index(conn, tp)
+        conn.commit()
+        oid = tp.table.oid
+        self.results[oid] = table_copied(
+            tp, self.rows[oid], self.started[oid], index_seconds=time.monotonic() - started
+        )
 
 
 def table_copied(

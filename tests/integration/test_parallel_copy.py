@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from app import allowlist, catalog, db, plan
+from app import allowlist, catalog, db, ddl, plan, scrub
 from app import config as configuration
 from app.scrub import ScratchSchema
 from tests import jobrun
@@ -63,33 +63,51 @@ def _wait_for_inserts(url: str, count: int, job: Any) -> None:
 
 
 @pytest.mark.one_major
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole-tables", "sliced-tables"])
 def test_every_connection_copies_from_the_snapshot_of_the_first(
-    pg_server: Server, source_db: str, tmp_path: Path
+    pg_server: Server,
+    source_db: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sliced: bool,
 ) -> None:
-    """Rows committed after the copy's snapshot, while the extra connections are still being
-    opened, are in no copied table, whichever connection copies it."""
+    """Rows committed after the copy's snapshot, while the connections are being opened,
+    are in no copied table, whichever connection copies it; a table copied in slices gets
+    the very fakes one statement gives."""
+    sizes = {"a": 3000, "b": 2000, "c": 1000}
     with psycopg.connect(source_db) as conn:
-        conn.execute(
-            "CREATE TABLE a (id int PRIMARY KEY, email text);"
-            "CREATE TABLE b (id int PRIMARY KEY, email text);"
-            "CREATE TABLE c (id int PRIMARY KEY, email text);"
-            "INSERT INTO a SELECT i, 'a' || i FROM generate_series(1, 30) i;"
-            "INSERT INTO b SELECT i, 'b' || i FROM generate_series(1, 20) i;"
-            "INSERT INTO c SELECT i, 'c' || i FROM generate_series(1, 10) i;"
-        )
-    config = configuration.load(
-        {"DATABASE_URL": source_db, "ALLOW_LIST": str(_allow(tmp_path, {t: ["id"] for t in "abc"}))}
-    )
-    late = 1000
+        for table, rows in sizes.items():
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {t} (id int PRIMARY KEY, email text UNIQUE);"
+                    "INSERT INTO {t} SELECT i, {t_} || i FROM generate_series(1, {n}) i;"
+                    "ANALYZE {t}"
+                ).format(t=sql.Identifier(table), t_=sql.Literal(table), n=sql.Literal(rows))
+            )
+    if sliced:
+        monkeypatch.setattr(scrub, "MIN_SLICE_BYTES", 0)
+    slices: list[ddl.Chunk | None] = []
+    insert_rows = ddl.insert_rows
+
+    def spy(tp: Any, place: Any, rows: ddl.Chunk | None = None) -> sql.Composed:
+        slices.append(rows)
+        return insert_rows(tp, place, rows)
+
+    monkeypatch.setattr(ddl, "insert_rows", spy)
+    allow = _allow(tmp_path, {t: ["id"] for t in sizes})
+    config = configuration.load({"DATABASE_URL": source_db, "ALLOW_LIST": str(allow)})
+    late = 10_000
 
     def connect_after_a_commit() -> psycopg.Connection[Any]:
         nonlocal late
         late += 1
         with psycopg.connect(source_db, autocommit=True) as writer:
-            for table in "abc":
+            for table in sizes:
                 writer.execute(
-                    sql.SQL("INSERT INTO {} VALUES (%s, 'late')").format(sql.Identifier(table)),
-                    [late],
+                    sql.SQL("INSERT INTO {} VALUES (%s, 'late' || %s)").format(
+                        sql.Identifier(table)
+                    ),
+                    [late, late],
                 )
         return db.connect(config)
 
@@ -103,19 +121,33 @@ def test_every_connection_copies_from_the_snapshot_of_the_first(
             results = scratch.build()
             work.commit()
             copied = {
-                t: jobrun.rows(
+                tp.table.name: jobrun.rows(
                     source_db,
-                    sql.SQL("SELECT count(*), max(id) FROM {}").format(sql.Identifier(SCRATCH, t)),
-                )[0]
-                for t in "abc"
+                    sql.SQL("SELECT * FROM {} ORDER BY id").format(
+                        sql.Identifier(SCRATCH, tp.table.name)
+                    ),
+                )
+                for tp in the_plan.tables
+            }
+            one_statement = {
+                tp.table.name: jobrun.rows(
+                    source_db,
+                    sql.SQL("SELECT * FROM ({}) AS c WHERE id <= 10000 ORDER BY id").format(
+                        ddl.select_rows(tp)
+                    ),
+                )
+                for tp in the_plan.tables
             }
         finally:
             work.rollback()
             scratch.drop()
             work.commit()
-    assert late == 1002, "two extra connections were opened"
-    assert {r.table: r.rows for r in results} == {"public.a": 30, "public.b": 20, "public.c": 10}
-    assert copied == {"a": (30, 30), "b": (20, 20), "c": (10, 10)}
+    assert late == 10_003, "three connections were opened"
+    assert len(slices) > len(sizes) if sliced else slices == [None] * len(sizes)
+    assert {r.table: r.rows for r in results} == {f"public.{t}": n for t, n in sizes.items()}
+    assert {t: len(rows) for t, rows in copied.items()} == sizes
+    assert copied == one_statement
+    assert copied["a"][0][1] != "a1"
 
 
 @pytest.mark.one_major
