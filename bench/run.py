@@ -213,6 +213,7 @@ class Context:
     allow_list: Path
     storage: Path
     checkouts: dict[str, Path]
+    restore: bool = False
 
 
 def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
@@ -276,8 +277,51 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
     result["wal_bytes"] = wal_bytes(admin, lsn, wal_lsn(admin))
     result["seconds"] = round(seconds, 3)
     result["dump_bytes"] = dump.stat().st_size
+    if ctx.restore and variant.kind == "job":
+        result.update(restore(ctx, dump))
     dump.unlink()
     return result
+
+
+def restore(ctx: Context, dump: Path) -> dict[str, Any]:
+    """The developer's side: pg_restore into an empty database of the same server, and,
+    if the dump made its tables unlogged, the ALTER TABLE ... SET LOGGED that undoes it."""
+    name = "bench_restore"
+    admin = ctx.server.url()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    checkpoint(admin)
+    lsn = wal_lsn(admin)
+    started = time.monotonic()
+    subprocess.run(
+        [
+            str(ctx.server.bindir / "pg_restore"),
+            "--exit-on-error",
+            "--no-owner",
+            f"--dbname={ctx.server.url(name)}",
+            str(dump),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    out: dict[str, Any] = {
+        "restore_seconds": round(time.monotonic() - started, 3),
+        "restore_wal_bytes": wal_bytes(admin, lsn, wal_lsn(admin)),
+    }
+    with psycopg.connect(ctx.server.url(name), autocommit=True) as conn:
+        unlogged = conn.execute(
+            "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relkind = 'r'"
+            " AND c.relpersistence = 'u' ORDER BY pg_table_size(c.oid)"
+        ).fetchall()
+        out["restore_unlogged_tables"] = len(unlogged)
+        started = time.monotonic()
+        for (table,) in unlogged:
+            conn.execute(sql.SQL("ALTER TABLE {} SET LOGGED").format(sql.SQL(table)))
+        out["set_logged_seconds"] = round(time.monotonic() - started, 3)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+    return out
 
 
 def stages(logs: list[dict[str, Any]], total: float) -> dict[str, float]:
@@ -488,6 +532,10 @@ def render(report: dict[str, Any]) -> str:
             stage = ", ".join(
                 f"{k} {v:.1f}" for k, v in m.get("stages", {}).items() if k != "total"
             )
+            if "restore_seconds" in m:
+                stage += f"; pg_restore {m['restore_seconds']:.1f}"
+                if m["restore_unlogged_tables"]:
+                    stage += f" + SET LOGGED {m['set_logged_seconds']:.1f}"
             lines.append(
                 f"| {entry['scale']:g} | {table_mb:.0f} | {name} | {m['seconds']:.2f} | {ratio} "
                 f"| {rss} | {wal / 1e6:.1f} ({share:.0%}) | "
@@ -528,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dump", action="append", metavar="NAME=FLAGS", help="an extra pg_dump variant"
     )
+    parser.add_argument(
+        "--restore",
+        action="store_true",
+        help="also time pg_restore of each job dump into an empty database of the same server",
+    )
     args = parser.parse_args(argv)
 
     def say(text: str) -> None:
@@ -557,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         allow = generate.write_allow_list(args.workdir / "allow_list.json")
         for scale in args.scale:
             source = server.database(scale, say)
-            ctx = Context(server, source, allow, storage, revdirs)
+            ctx = Context(server, source, allow, storage, revdirs, args.restore)
             report["scales"].append(bench_scale(ctx, scale, variants, args.rounds, say))
             loads = [r["load1"] for s in report["scales"] for r in s["runs"]]
             report["load_min"], report["load_max"] = min(loads), max(loads)
