@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from app import __version__, allowlist, catalog, db, dump, publish, report
+from app import __version__, allowlist, archive, catalog, db, dump, publish, report
 from app import config as configuration
 from app import log as logging_setup
 from app.config import Config
@@ -153,6 +153,9 @@ def _dump(
     server_major = work.info.server_version // 10000
     pg_dump = dump.find(config.pg_dump, server_major)
     compression = dump.compression(config.dump_compression, pg_dump)
+    # Only an archive whose layout is known can be made to restore like the source.
+    rewrite = archive.supported(pg_dump.major)
+    unlogged = config.scratch_unlogged and rewrite
     log.info(
         "run started",
         extra={
@@ -160,6 +163,7 @@ def _dump(
             "server_version": work.info.parameter_status("server_version"),
             "pg_dump": pg_dump.version,
             "compression": compression,
+            "unlogged": unlogged,
             "settings": config.describe(),
             "tables": len(allow.entries),
         },
@@ -185,7 +189,11 @@ def _dump(
         )
 
     scratch = ScratchSchema(
-        work, plan, lambda: db.connect(config), connections=config.copy_connections
+        work,
+        plan,
+        lambda: db.connect(config),
+        connections=config.copy_connections,
+        unlogged=unlogged,
     )
     temp: Path | None = None
     try:
@@ -212,6 +220,9 @@ def _dump(
                 "seconds": round(dump_seconds, 3),
             },
         )
+        if unlogged:
+            rewritten = archive.rewrite(temp, [])
+            log.info("dump set to restore ordinary tables", extra={"tables": rewritten.tables})
     except BaseException:
         if temp is not None:
             temp.unlink(missing_ok=True)

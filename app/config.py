@@ -35,6 +35,7 @@ class Config:
     application_name: str
     dump_compression: str | None  # None: the default for the pg_dump found (app.dump)
     copy_connections: int
+    scratch_unlogged: bool
 
     @property
     def dump_path(self) -> Path:
@@ -54,6 +55,7 @@ class Config:
             "connect_attempts": self.connect_attempts,
             "dump_compression": self.dump_compression,
             "copy_connections": self.copy_connections,
+            "scratch_unlogged": self.scratch_unlogged,
         }
 
 
@@ -108,7 +110,19 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
         dump_compression=_compression(env, "DUMP_COMPRESSION"),
         copy_connections=_number(env, "COPY_CONNECTIONS", 2, int, most=16),
+        scratch_unlogged=_flag(env, "SCRATCH_UNLOGGED", True),
     )
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "yes", "on", "1"):
+        return True
+    if raw in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
 
 
 def _compression(env: Mapping[str, str], name: str) -> str | None:

@@ -176,9 +176,10 @@ def create_sequence(name: sql.Identifier, seq: SequenceInfo) -> sql.Composed:
 # -- tables ----------------------------------------------------------------------------------
 
 
-def create_table(tp: TablePlan, place: Placement) -> list[sql.Composed]:
+def create_table(tp: TablePlan, place: Placement, *, unlogged: bool = False) -> list[sql.Composed]:
     """Its serial sequences, the table with its columns and validated CHECKs, and the
-    sequences' OWNED BY; no index yet (they are built after the load)."""
+    sequences' OWNED BY; no index yet (they are built after the load). An UNLOGGED table
+    (and its identity sequence) writes no WAL."""
     schema, name = place.table(tp)
     table = sql.Identifier(schema, name)
     statements: list[sql.Composed] = []
@@ -215,7 +216,9 @@ def create_table(tp: TablePlan, place: Placement) -> list[sql.Composed]:
         if con.kind == "c" and con.validated:
             definitions.append(_constraint(con))
     statements.append(
-        sql.SQL("CREATE TABLE {} ({})").format(table, sql.SQL(", ").join(definitions))
+        sql.SQL("CREATE {}TABLE {} ({})").format(
+            sql.SQL("UNLOGGED " if unlogged else ""), table, sql.SQL(", ").join(definitions)
+        )
     )
     for seq, column in owned:
         statements.append(

@@ -78,6 +78,8 @@ class ScratchSchema:
         plan: Plan,
         connect: Connect | None = None,
         connections: int = 1,
+        *,
+        unlogged: bool = False,
     ) -> None:
         self.conn = conn
         self.plan = plan
@@ -85,6 +87,7 @@ class ScratchSchema:
         self.place = ddl.InScratchSchema(plan)
         self.connect = connect
         self.connections = max(1, connections) if connect else 1
+        self.unlogged = unlogged
         self.committed = False  # once True, only a DROP SCHEMA removes the copy
         self.stages: dict[str, float] = {}  # seconds of each step, for the run's last log line
 
@@ -130,7 +133,7 @@ class ScratchSchema:
             conn.execute(statement)
         self._create_shared_sequences()
         for tp in self.plan.tables:
-            for statement in ddl.create_table(tp, self.place):
+            for statement in ddl.create_table(tp, self.place, unlogged=self.unlogged):
                 conn.execute(statement)
         self._check_self_contained()
 

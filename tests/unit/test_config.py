@@ -21,6 +21,8 @@ def test_defaults_match_the_contract() -> None:
     assert c.allow_list.name == "allow_list.json" and c.allow_list.is_file()
     assert c.max_scratch_bytes is None
     assert c.copy_connections == 2
+    assert c.scratch_unlogged is True
+    assert config.load({"SCRATCH_UNLOGGED": "off"}).scratch_unlogged is False
     assert c.dump_path == Path("/storage/sanitised.dump")
 
 
@@ -63,6 +65,7 @@ def test_settings_are_read() -> None:
         ("COPY_CONNECTIONS", "0"),
         ("COPY_CONNECTIONS", "17"),
         ("COPY_CONNECTIONS", "two"),
+        ("SCRATCH_UNLOGGED", "maybe"),
         ("DUMP_COMPRESSION", "brotli"),
         ("DUMP_COMPRESSION", "zstd:99"),
         ("DUMP_COMPRESSION", "gzip:fast"),
