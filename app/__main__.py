@@ -194,6 +194,7 @@ def _dump(
         lambda: db.connect(config),
         connections=config.copy_connections,
         unlogged=unlogged,
+        foreign_keys_not_valid=rewrite,
     )
     temp: Path | None = None
     try:
@@ -220,9 +221,12 @@ def _dump(
                 "seconds": round(dump_seconds, 3),
             },
         )
-        if unlogged:
-            rewritten = archive.rewrite(temp, [])
-            log.info("dump set to restore ordinary tables", extra={"tables": rewritten.tables})
+        if rewrite:
+            rewritten = archive.rewrite(temp, scratch.not_valid)
+            log.info(
+                "dump set to restore ordinary tables and checked foreign keys",
+                extra={"tables": rewritten.tables, "foreign_keys": rewritten.foreign_keys},
+            )
     except BaseException:
         if temp is not None:
             temp.unlink(missing_ok=True)

@@ -337,7 +337,10 @@ def index(tp: TablePlan, place: Placement) -> list[sql.Composed]:
     return statements
 
 
-def foreign_key(plan: Plan, tp: TablePlan, fk: ForeignKey, place: Placement) -> sql.Composed:
+def foreign_key(
+    plan: Plan, tp: TablePlan, fk: ForeignKey, place: Placement, *, not_valid: bool = False
+) -> sql.Composed:
+    """The foreign key; `not_valid` skips checking the rows already there."""
     con = fk.constraint
     ref = plan.scratch_table(con.ref_table)
     assert ref is not None
@@ -359,6 +362,8 @@ def foreign_key(plan: Plan, tp: TablePlan, fk: ForeignKey, place: Placement) -> 
     ]
     if con.deferrable:
         clauses.append(sql.SQL("DEFERRABLE INITIALLY DEFERRED" if con.deferred else "DEFERRABLE"))
+    if not_valid:
+        clauses.append(sql.SQL("NOT VALID"))
     return sql.SQL(" ").join(c for c in clauses if c.as_string(None))
 
 

@@ -80,6 +80,7 @@ class ScratchSchema:
         connections: int = 1,
         *,
         unlogged: bool = False,
+        foreign_keys_not_valid: bool = False,
     ) -> None:
         self.conn = conn
         self.plan = plan
@@ -88,6 +89,9 @@ class ScratchSchema:
         self.connect = connect
         self.connections = max(1, connections) if connect else 1
         self.unlogged = unlogged
+        self.foreign_keys_not_valid = foreign_keys_not_valid
+        # (table, constraint) of the foreign keys added NOT VALID: the dump must validate them.
+        self.not_valid: list[tuple[str, str]] = []
         self.committed = False  # once True, only a DROP SCHEMA removes the copy
         self.stages: dict[str, float] = {}  # seconds of each step, for the run's last log line
 
@@ -146,16 +150,24 @@ class ScratchSchema:
         )
 
     def _add_foreign_keys(self) -> None:
+        """Every kept foreign key. One that holds on the source holds in the copy, made of
+        the same key values from the same snapshot: with `foreign_keys_not_valid` it is
+        added without checking them again (the dump's restore checks it)."""
         for tp in self.plan.tables:
             for fk in tp.foreign_keys:
-                if fk.kept:
-                    with ddl.explained(tp.table, "adding foreign keys to"):
-                        self.conn.execute(ddl.foreign_key(self.plan, tp, fk, self.place))
-                else:
+                if not fk.kept:
                     log.warning(
                         "foreign key left out",
                         extra={"foreign_key": fk.describe(self.plan.catalog), "reason": fk.reason},
                     )
+                    continue
+                not_valid = self.foreign_keys_not_valid and fk.constraint.validated
+                with ddl.explained(tp.table, "adding foreign keys to"):
+                    self.conn.execute(
+                        ddl.foreign_key(self.plan, tp, fk, self.place, not_valid=not_valid)
+                    )
+                if not_valid:
+                    self.not_valid.append((tp.scratch_name, fk.constraint.name))
 
     def _create_shared_sequences(self) -> None:
         """Sequences a default uses without owning, at the source's current value."""
