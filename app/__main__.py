@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from app import __version__, allowlist, archive, catalog, db, dump, publish, report
+from app import __version__, allowlist, catalog, db, dump, publish, report, toc
 from app import config as configuration
 from app import log as logging_setup
 from app.config import Config
@@ -154,7 +154,7 @@ def _dump(
     pg_dump = dump.find(config.pg_dump, server_major)
     compression = dump.compression(config.dump_compression, pg_dump)
     # Only an archive whose layout is known can be made to restore like the source.
-    rewrite = archive.supported(pg_dump.major)
+    rewrite = toc.supported(pg_dump.major)
     unlogged = config.scratch_unlogged and rewrite
     log.info(
         "run started",
@@ -222,7 +222,7 @@ def _dump(
             },
         )
         if rewrite:
-            rewritten = archive.rewrite(temp, scratch.not_valid)
+            rewritten = toc.rewrite(temp, scratch.not_valid)
             log.info(
                 "dump set to restore ordinary tables and checked foreign keys",
                 extra={"tables": rewritten.tables, "foreign_keys": rewritten.foreign_keys},

@@ -178,8 +178,9 @@ def generate(url: str, scale: float, say: Any = print) -> None:
         conn.execute("CHECKPOINT")
 
 
-def write_allow_list(path: Path) -> Path:
-    path.write_text(json.dumps(ALLOW_LIST, indent=2) + "\n", encoding="utf-8")
+def write_allow_list(path: Path, only: list[str] | None = None) -> Path:
+    listed = {t: c for t, c in ALLOW_LIST.items() if not only or t in only}
+    path.write_text(json.dumps(listed, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -214,6 +214,7 @@ class Context:
     storage: Path
     checkouts: dict[str, Path]
     restore: bool = False
+    tables: tuple[str, ...] = generate.TABLES
 
 
 def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
@@ -230,7 +231,7 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
     started = time.monotonic()
     if variant.kind == "pg_dump":
         args = [str(ctx.server.bindir / "pg_dump"), "--format=custom"]
-        args += [f"--table={t}" for t in generate.TABLES]
+        args += [f"--table={t}" for t in ctx.tables]
         args += [*variant.args, f"--file={dump}", f"--dbname={ctx.source}"]
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert process.stderr is not None
@@ -363,19 +364,19 @@ def _clock(line: dict[str, Any] | None) -> float:
 # -- the whole benchmark -------------------------------------------------------------------
 
 
-def source_sizes(url: str) -> dict[str, Any]:
+def source_sizes(url: str, tables: tuple[str, ...]) -> dict[str, Any]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             "SELECT c.relname, c.reltuples::bigint, pg_table_size(c.oid),"
             " pg_total_relation_size(c.oid) FROM pg_class c"
             " WHERE c.oid = ANY(%s::regclass[]) ORDER BY 1",
-            [list(generate.TABLES)],
+            [list(tables)],
         ).fetchall()
-    tables = {r[0]: {"rows": r[1], "table_bytes": r[2], "total_bytes": r[3]} for r in rows}
+    sizes = {r[0]: {"rows": r[1], "table_bytes": r[2], "total_bytes": r[3]} for r in rows}
     return {
-        "tables": tables,
-        "table_bytes": sum(t["table_bytes"] for t in tables.values()),
-        "total_bytes": sum(t["total_bytes"] for t in tables.values()),
+        "tables": sizes,
+        "table_bytes": sum(t["table_bytes"] for t in sizes.values()),
+        "total_bytes": sum(t["total_bytes"] for t in sizes.values()),
     }
 
 
@@ -394,7 +395,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def bench_scale(
     ctx: Context, scale: float, variants: list[Variant], rounds: int, say: Any
 ) -> dict[str, Any]:
-    sizes = source_sizes(ctx.source)
+    sizes = source_sizes(ctx.source, ctx.tables)
     say(f"scale {scale:g}: {sizes['table_bytes'] / 1e6:.0f} MB of tables; warming the cache")
     run_once(ctx, variants[0])
     runs: list[dict[str, Any]] = []
@@ -416,7 +417,28 @@ def bench_scale(
         for a in variants
         if a.kind == "pg_dump"
     }
-    return {"scale": scale, "source": sizes, "runs": runs, "medians": summary, "ratios": ratios}
+    # The ratio within each round, where both ran under the same load; then its median.
+    seconds = {(r["variant"], r["round"]): r["seconds"] for r in runs}
+    paired = {
+        f"{v.name}/{a.name}": round(
+            statistics.median(
+                seconds[v.name, n] / seconds[a.name, n] for n in range(1, rounds + 1)
+            ),
+            3,
+        )
+        for v in variants
+        if v.kind == "job"
+        for a in variants
+        if a.kind == "pg_dump"
+    }
+    return {
+        "scale": scale,
+        "source": sizes,
+        "runs": runs,
+        "medians": summary,
+        "ratios": ratios,
+        "paired_ratios": paired,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -512,7 +534,7 @@ def render(report: dict[str, Any]) -> str:
         "|---|---|",
         *[f"| {v['name']} | `{v['describe']}` |" for v in report["variants"]],
         "",
-        "| scale | tables MB | variant | seconds | ratio | peak RSS MB | WAL MB (of table "
+        "| scale | tables MB | variant | seconds | ratio (paired) | peak RSS MB | WAL MB (of table "
         "data) | peak extra disk MB | dump MB | stages (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -520,7 +542,7 @@ def render(report: dict[str, Any]) -> str:
         table_mb = entry["source"]["table_bytes"] / 1e6
         for name, m in entry["medians"].items():
             ratio = " ".join(
-                f"{key.split('/')[1]}: {value:.2f}"
+                f"{key.split('/')[1]}: {value:.2f} ({entry['paired_ratios'][key]:.2f})"
                 for key, value in entry["ratios"].items()
                 if key.startswith(name + "/")
             )
@@ -543,12 +565,19 @@ def render(report: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Peak RSS of the job is its Python process (pg_dump's in brackets). WAL is what the "
-        "source wrote during the run (`pg_current_wal_insert_lsn()` before and after); peak "
-        "extra disk is the largest growth of the data directory, WAL included, sampled every "
-        "0.2 s. Stages: copy = the INSERT ... SELECT of every table, index = indexes, "
-        "constraints and commit, drop_publish = dropping the scratch schema and the atomic "
-        "publish, other = connecting, catalog reads and the plan.",
+        "Ratios are of the medians, and in brackets the median of the ratios within each "
+        "round (both ran under the same load). Peak RSS of the job is its Python process "
+        "(pg_dump's in brackets). WAL is what the source wrote during the run "
+        "(`pg_current_wal_insert_lsn()` before and after), as a share of the listed tables' "
+        "size; peak extra disk is the largest growth of the data directory, WAL included, "
+        "sampled every 0.2 s. Stages, from the job's last log line: plan = catalog and plan, "
+        "prepare = scratch schema and empty tables, copy = rows, indexes and sequences of "
+        "every table (wall clock, connections in parallel), foreign_keys, pg_dump, "
+        "drop_publish = dropping the scratch schema and the atomic publish; inserts_sum and "
+        "indexes_sum add up the seconds each table took on its connection. pg_restore (with "
+        "--restore) is the developer's side: a restore into an empty database of the same "
+        "server. A job too old to log its stages gets them from its other log lines: copy = "
+        "the INSERTs, index = indexes, foreign keys and commit, other = the rest.",
         "",
     ]
     return "\n".join(lines)
@@ -575,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--dump", action="append", metavar="NAME=FLAGS", help="an extra pg_dump variant"
+    )
+    parser.add_argument(
+        "--only", action="append", metavar="TABLE", help="list only this table (repeatable)"
     )
     parser.add_argument(
         "--restore",
@@ -607,10 +639,11 @@ def main(argv: list[str] | None = None) -> int:
             [str(server.bindir / "pg_dump"), "--version"], capture_output=True, text=True
         )
         report["pg_dump"] = version.stdout.strip()
-        allow = generate.write_allow_list(args.workdir / "allow_list.json")
+        allow = generate.write_allow_list(args.workdir / "allow_list.json", args.only)
+        tables = tuple(t for t in generate.TABLES if not args.only or t.split(".")[1] in args.only)
         for scale in args.scale:
             source = server.database(scale, say)
-            ctx = Context(server, source, allow, storage, revdirs, args.restore)
+            ctx = Context(server, source, allow, storage, revdirs, args.restore, tables)
             report["scales"].append(bench_scale(ctx, scale, variants, args.rounds, say))
             loads = [r["load1"] for s in report["scales"] for r in s["runs"]]
             report["load_min"], report["load_max"] = min(loads), max(loads)

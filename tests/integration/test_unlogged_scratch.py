@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from app import archive
+from app import toc
 from app.errors import PgDumpError
 from tests import jobrun
 from tests.conftest import Server
@@ -107,12 +107,12 @@ def test_an_archive_that_is_not_what_pg_dump_writes_is_refused(
     subprocess.run(
         [str(pg_server.bindir / "pg_dump"), "-Fc", f"--file={dump}", source_db], check=True
     )
-    assert [e.tag for e in archive.read_toc(dump) if e.desc == b"TABLE"] == [b"t"]
+    assert [e.tag for e in toc.read_toc(dump) if e.desc == b"TABLE"] == [b"t"]
     truncated = tmp_path / "truncated.dump"
     truncated.write_bytes(dump.read_bytes()[:200])
     moved = tmp_path / "moved.dump"
     data = bytearray(dump.read_bytes())
-    entry = next(e for e in archive.read_toc(dump) if e.data_at is not None)
+    entry = next(e for e in toc.read_toc(dump) if e.data_at is not None)
     data[entry.data_at : entry.data_at] = b"\x00"  # its data block now starts a byte later
     moved.write_bytes(bytes(data))
     plain = tmp_path / "plain.sql"
@@ -120,11 +120,11 @@ def test_an_archive_that_is_not_what_pg_dump_writes_is_refused(
     for bad in (truncated, moved, plain):
         before = bad.read_bytes()
         with pytest.raises(PgDumpError, match="unexpected custom-format archive"):
-            archive.rewrite(bad, [])
+            toc.rewrite(bad, [])
         assert bad.read_bytes() == before
     copy = tmp_path / "copy.dump"
     shutil.copy(dump, copy)
-    assert archive.rewrite(copy, []) == archive.Rewritten(["t"], [])
-    assert archive.rewrite(copy, []) == archive.Rewritten([], [])
+    assert toc.rewrite(copy, []) == toc.Rewritten(["t"], [])
+    assert toc.rewrite(copy, []) == toc.Rewritten([], [])
     with pytest.raises(PgDumpError, match="no NOT VALID foreign key t t_fkey"):
-        archive.rewrite(copy, [("t", "t_fkey")])
+        toc.rewrite(copy, [("t", "t_fkey")])
