@@ -14,7 +14,6 @@ from types import FrameType
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from app import __version__, allowlist, catalog, db, dump, publish, report
@@ -24,9 +23,12 @@ from app.config import Config
 from app.errors import AllowListMismatch, DatabaseError, Interrupted, JobError
 from app.log import log
 from app.plan import Plan, build
-from app.scrub import ScratchSchema, drop_leftover
+from app.scratch import Scratch, open_scratch
+from app.scrub import TableResult
 
 COMMANDS = ("dump", "check", "plan")
+# Copies a hot standby may cancel (conflict with recovery) before the run gives up.
+RECOVERY_ATTEMPTS = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,9 +89,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _secrets(config: Config) -> list[str]:
     secrets = [os.environ.get("PGPASSWORD", "")]
-    if config.database_url:
-        with contextlib.suppress(psycopg.ProgrammingError):
-            secrets.append(str(conninfo_to_dict(config.database_url).get("password") or ""))
+    urls = [config.database_url]
+    if config.mode == "database":
+        urls.append(config.scratch_database_url)
+    for url in urls:
+        if url:
+            with contextlib.suppress(psycopg.ProgrammingError):
+                secrets.append(str(conninfo_to_dict(url).get("password") or ""))
     return [s for s in secrets if s]
 
 
@@ -136,53 +142,37 @@ def _dump(
     work: psycopg.Connection[Any],
     started: float,
 ) -> int:
-    server_major = work.info.server_version // 10000
-    pg_dump = dump.find(config.pg_dump, server_major)
-    log.info(
-        "run started",
-        extra={
-            "version": __version__,
-            "server_version": work.info.parameter_status("server_version"),
-            "pg_dump": pg_dump.version,
-            "settings": config.describe(),
-            "tables": len(allow.entries),
-        },
-    )
-    db.take_lock(lock_conn, config.scratch_schema)
-    drop_leftover(lock_conn, config.scratch_schema)
-    for stale in publish.remove_stale(config.storage_dir, config.dump_name):
-        log.warning("removed a stale temporary file", extra={"path": str(stale)})
-
-    work.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    plan = build(catalog.read(work, allow, config.scratch_schema), config.scratch_schema)
-    db.check_privileges(work, [(t.schema, t.name) for t in plan.catalog.tables])
-    needed = sum(t.size for t in plan.catalog.tables)
-    if config.max_scratch_bytes is not None and needed > config.max_scratch_bytes:
-        raise AllowListMismatch(
-            f"the listed tables take {needed} bytes, more than MAX_SCRATCH_BYTES="
-            f"{config.max_scratch_bytes}: raise the limit or list fewer tables"
-        )
-    for fk in plan.left_out:
-        log.info(
-            "foreign key left out",
-            extra={"foreign_key": fk.describe(plan.catalog), "reason": fk.reason},
-        )
-
-    scratch = ScratchSchema(work, plan)
+    scratch = open_scratch(config, lock_conn, work)
+    source = _Source(config, work)
     temp: Path | None = None
-    committed = False
     try:
+        pg_dump = dump.find(config.pg_dump, scratch.server_major())
+        log.info(
+            "run started",
+            extra={
+                "version": __version__,
+                "server_version": work.info.parameter_status("server_version"),
+                "pg_dump": pg_dump.version,
+                "settings": config.describe(),
+                "tables": len(allow.entries),
+                "mode": scratch.mode,
+            },
+        )
+        db.take_lock(lock_conn, config.scratch_schema)
+        scratch.prepare()
+        for stale in publish.remove_stale(config.storage_dir, config.dump_name):
+            log.warning("removed a stale temporary file", extra={"path": str(stale)})
+
         copy_started = time.monotonic()
-        results = scratch.build()
-        work.commit()
-        committed = True
+        plan, results = _copy(config, allow, scratch, source)
         copy_seconds = time.monotonic() - copy_started
         temp = publish.create_temp(config.storage_dir, config.dump_name)
+        target = scratch.dump_source()
         dump_seconds = dump.run(
             pg_dump,
-            config.database_url,
+            target.url,
             config.application_name,
-            config.scratch_schema,
+            target.schema,
             [name for name, _ in plan.catalog.extensions],
             temp,
         )
@@ -194,7 +184,10 @@ def _dump(
             temp.unlink(missing_ok=True)
         raise
     finally:
-        _drop_scratch(config, work, lock_conn, committed)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        scratch.close()
+        source.close()
 
     published = publish.publish(temp, config.dump_path)
     log.info(
@@ -209,38 +202,86 @@ def _dump(
             "faked_columns": sum(len(r.faked) for r in results),
             "copy_seconds": round(copy_seconds, 3),
             "seconds": round(time.monotonic() - started, 3),
+            "mode": scratch.mode,
             "exit_code": 0,
         },
     )
     return 0
 
 
-def _drop_scratch(
-    config: Config,
-    work: psycopg.Connection[Any],
-    lock_conn: psycopg.Connection[Any],
-    committed: bool,
-) -> None:
-    """Roll back what is uncommitted, drop what was committed; never raise over the
-    original error, but say loudly when the schema may be left behind."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        if not work.closed and not work.broken:
-            work.rollback()
-        if committed:
-            conn = lock_conn if not lock_conn.broken else db.connect(config, autocommit=True)
-            conn.execute(
-                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-                    sql.Identifier(config.scratch_schema)
-                )
+class _Source:
+    """The source connection of the copy; replaced when a hot standby ended the session."""
+
+    def __init__(self, config: Config, conn: psycopg.Connection[Any]) -> None:
+        self.config = config
+        self.conn = conn
+        self.original = conn
+
+    def fresh(self) -> psycopg.Connection[Any]:
+        if self.conn.broken or self.conn.closed:
+            if self.conn is not self.original:
+                self.conn.close()
+            self.conn = db.connect(self.config)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not self.original:
+            self.conn.close()
+
+
+def _copy(
+    config: Config, allow: allowlist.AllowList, scratch: Scratch, source: _Source
+) -> tuple[Plan, list[TableResult]]:
+    """Read the plan and make the copy from one snapshot. A hot standby may cancel it to
+    replay the primary's changes: then start again, whole, from a fresh snapshot."""
+    attempt = 1
+    while True:
+        work = source.fresh()
+        work.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        work.read_only = not scratch.writes_source
+        try:
+            plan = _checked_plan(config, allow, scratch, work)
+            return plan, scratch.build(work, plan)
+        except psycopg.Error as exc:
+            if not db.is_recovery_conflict(exc):
+                raise
+            with contextlib.suppress(psycopg.Error):
+                work.rollback()
+            scratch.reset()
+            if attempt >= RECOVERY_ATTEMPTS:
+                raise DatabaseError(
+                    f"the hot standby cancelled the copy {attempt} times to replay changes "
+                    "from the primary (conflict with recovery): set hot_standby_feedback = on "
+                    "on the standby, or raise its max_standby_streaming_delay above the "
+                    "copy's duration, or read from the primary"
+                ) from None
+            log.warning(
+                "the standby cancelled the copy (conflict with recovery): copying again "
+                "from a fresh snapshot",
+                extra={"attempt": attempt, "of": RECOVERY_ATTEMPTS, "error": str(exc)},
             )
-            log.info("scratch schema dropped", extra={"schema": config.scratch_schema})
-    except (psycopg.Error, JobError) as exc:
-        log.error(
-            "could not drop the scratch schema; the next run drops it",
-            extra={"schema": config.scratch_schema, "error": str(exc)},
+            attempt += 1
+
+
+def _checked_plan(
+    config: Config, allow: allowlist.AllowList, scratch: Scratch, work: psycopg.Connection[Any]
+) -> Plan:
+    plan = build(catalog.read(work, allow, config.scratch_schema), config.scratch_schema)
+    db.check_privileges(
+        work, [(t.schema, t.name) for t in plan.catalog.tables], create=scratch.writes_source
+    )
+    needed = sum(t.size for t in plan.catalog.tables)
+    if config.max_scratch_bytes is not None and needed > config.max_scratch_bytes:
+        raise AllowListMismatch(
+            f"the listed tables take {needed} bytes, more than MAX_SCRATCH_BYTES="
+            f"{config.max_scratch_bytes}: raise the limit or list fewer tables"
         )
+    for fk in plan.left_out:
+        log.info(
+            "foreign key left out",
+            extra={"foreign_key": fk.describe(plan.catalog), "reason": fk.reason},
+        )
+    return plan
 
 
 def _install_signal_handlers() -> None:

@@ -24,14 +24,24 @@ from app.log import log
 CHECK_INTERVAL = "10s"
 
 
-def connect(config: Config, *, autocommit: bool = False) -> psycopg.Connection[Any]:
-    """Connect with bounded, logged retries; exit 4 when the server stays unreachable."""
+def connect(
+    config: Config,
+    *,
+    autocommit: bool = False,
+    url: str | None = None,
+    what: str = "the source",
+    variable: str = "DATABASE_URL or the PG* variables",
+) -> psycopg.Connection[Any]:
+    """Connect with bounded, logged retries; exit 4 when the server stays unreachable.
+
+    `url` defaults to the source's; `what` and `variable` name the server in messages."""
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
             "cannot connect, retrying",
             extra={
+                "server": what,
                 "attempt": state.attempt_number,
                 "of": config.connect_attempts,
                 "error": _first_line(exc),
@@ -48,15 +58,15 @@ def connect(config: Config, *, autocommit: bool = False) -> psycopg.Connection[A
     try:
         conn = retrying(
             psycopg.connect,
-            config.database_url or "",
+            (config.database_url if url is None else url) or "",
             autocommit=autocommit,
             application_name=config.application_name,
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
         raise DatabaseError(
-            f"cannot connect to the source after {config.connect_attempts} attempts: "
-            f"{_first_line(exc)} (check DATABASE_URL or the PG* variables)"
+            f"cannot connect to {what} after {config.connect_attempts} attempts: "
+            f"{_first_line(exc)} (check {variable})"
         ) from None
     try:
         conn.execute("SELECT set_config('lock_timeout', %s, false)", [config.lock_timeout])
@@ -90,15 +100,18 @@ def take_lock(conn: psycopg.Connection[Any], scope: str) -> None:
         )
 
 
-def check_privileges(conn: psycopg.Connection[Any], tables: list[tuple[str, str]]) -> None:
-    """CREATE on the database and SELECT on every listed table, before any write."""
+def check_privileges(
+    conn: psycopg.Connection[Any], tables: list[tuple[str, str]], *, create: bool = True
+) -> None:
+    """CREATE on the database (when the copy is made there) and SELECT on every listed
+    table, before any write."""
     row = conn.execute(
         "SELECT current_user, current_database(),"
         " has_database_privilege(current_database(), 'CREATE')"
     ).fetchone()
     assert row is not None
     user, database, can_create = row
-    if not can_create:
+    if create and not can_create:
         raise DatabaseError(
             f"role {user!r} lacks the CREATE privilege on database {database!r}, needed for the "
             f"scratch schema: GRANT CREATE ON DATABASE {database} TO {user}"
@@ -115,6 +128,16 @@ def check_privileges(conn: psycopg.Connection[Any], tables: list[tuple[str, str]
         raise DatabaseError(
             f"role {user!r} lacks SELECT on {', '.join(missing)}: grant it, or leave the tables out"
         )
+
+
+def is_recovery_conflict(exc: BaseException) -> bool:
+    """A hot standby cancelled the query, or ended the session, because replaying the
+    primary's changes needed rows or locks the snapshot still used."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    if exc.sqlstate not in (None, "40001"):
+        return False
+    return "conflict with recovery" in str(exc)
 
 
 def _first_line(exc: BaseException | None) -> str:

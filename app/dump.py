@@ -75,19 +75,20 @@ def run(
     pg_dump: PgDump,
     database_url: str | None,
     application_name: str,
-    schema: str,
+    schema: str | None,
     extensions: list[str],
     output: Path,
     extra: list[str] | None = None,
 ) -> float:
-    """Dump the scratch schema into `output`; return the seconds it took."""
+    """Dump the scratch schema (None: the whole scratch database) into `output`; return
+    the seconds it took."""
     dbname, env = child_env(database_url, application_name)
     args = [
         pg_dump.path,
         "--format=custom",
         "--no-owner",
         "--no-acl",
-        f"--schema={pattern(schema)}",
+        *([f"--schema={pattern(schema)}"] if schema is not None else []),
         f"--file={output}",
         *[f"--extension={pattern(e)}" for e in extensions],
         *(extra or []),

@@ -1,0 +1,126 @@
+"""Where the copy is made: one small interface, one implementation per mode.
+
+`__main__` reads the plan from the source and hands it to a `Scratch`, which builds the
+copy, tells pg_dump what to dump, and removes the copy when the run ends, however it ends.
+
+- `schema` (default): a scratch schema in the source database (`SchemaOnSource`).
+- `database`: another database; the source is only read (`app.scratchdb`).
+- `embedded`: a throwaway server the job starts and removes (`app.embedded`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+
+from app import db
+from app.config import Config
+from app.errors import JobError
+from app.log import log
+from app.plan import Plan
+from app.scrub import ScratchSchema, TableResult, drop_leftover
+
+
+@dataclass(frozen=True)
+class DumpSource:
+    """What pg_dump reads: a connection string (None: libpq's PG* variables) and the one
+    schema to dump (None: the whole database)."""
+
+    url: str | None
+    schema: str | None
+
+
+class Scratch(Protocol):
+    mode: str
+    writes_source: bool  # the copy is made in the source, which then needs CREATE
+
+    def server_major(self) -> int:
+        """The major of the server pg_dump reads, known before anything is written."""
+        ...
+
+    def prepare(self) -> None:
+        """Lock, check and clear what a killed run left, before the plan is read."""
+        ...
+
+    def build(self, source: psycopg.Connection[Any], plan: Plan) -> list[TableResult]:
+        """Make the copy from the snapshot open on `source` and commit it for pg_dump."""
+        ...
+
+    def reset(self) -> None:
+        """Undo a failed attempt so that the copy can start again from a fresh snapshot."""
+        ...
+
+    def dump_source(self) -> DumpSource: ...
+
+    def close(self) -> None:
+        """Remove the copy; log, never raise, when that fails."""
+        ...
+
+
+def open_scratch(
+    config: Config, lock_conn: psycopg.Connection[Any], work: psycopg.Connection[Any]
+) -> Scratch:
+    """The scratch the configuration asks for; nothing is written yet."""
+    return SchemaOnSource(config, lock_conn, work)
+
+
+class SchemaOnSource:
+    """The scratch schema in the source database, committed only so that pg_dump sees it,
+    dropped afterwards (and at the next start, if a run was killed)."""
+
+    mode = "schema"
+    writes_source = True
+
+    def __init__(
+        self, config: Config, lock_conn: psycopg.Connection[Any], work: psycopg.Connection[Any]
+    ) -> None:
+        self.config = config
+        self.lock_conn = lock_conn
+        self.work = work
+        self.committed = False
+
+    def server_major(self) -> int:
+        return self.work.info.server_version // 10000
+
+    def prepare(self) -> None:
+        drop_leftover(self.lock_conn, self.config.scratch_schema)
+
+    def build(self, source: psycopg.Connection[Any], plan: Plan) -> list[TableResult]:
+        self.work = source
+        results = ScratchSchema(source, plan).build()
+        source.commit()
+        self.committed = True
+        return results
+
+    def reset(self) -> None:
+        if not self.work.broken:
+            self.work.rollback()
+
+    def dump_source(self) -> DumpSource:
+        return DumpSource(self.config.database_url, self.config.scratch_schema)
+
+    def close(self) -> None:
+        """Roll back what is uncommitted, drop what was committed; say loudly when the
+        schema may be left behind."""
+        schema = self.config.scratch_schema
+        try:
+            if not self.work.closed and not self.work.broken:
+                self.work.rollback()
+            if self.committed:
+                conn = (
+                    self.lock_conn
+                    if not self.lock_conn.broken
+                    else db.connect(self.config, autocommit=True)
+                )
+                conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+                )
+                log.info("scratch schema dropped", extra={"schema": schema})
+        except (psycopg.Error, JobError) as exc:
+            log.error(
+                "could not drop the scratch schema; the next run drops it",
+                extra={"schema": schema, "error": str(exc)},
+            )
