@@ -8,12 +8,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from app.errors import ConfigError
 
 DEFAULT_ALLOW_LIST = Path(__file__).resolve().parent.parent / "allow_list.json"
 _DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)?$")
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)(i?[bB])?$")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+EMBEDDED = "embedded"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,15 @@ class Config:
     connect_attempts: int
     connect_wait: float
     application_name: str
+    scratch_database_url: str | None = None  # None: scratch schema on the source
+    pg_bindir: str | None = None  # where initdb and postgres are, for the embedded server
+
+    @property
+    def mode(self) -> str:
+        """Where the copy is made: `schema` (on the source), `database` or `embedded`."""
+        if self.scratch_database_url is None:
+            return "schema"
+        return "embedded" if self.scratch_database_url == EMBEDDED else "database"
 
     @property
     def dump_path(self) -> Path:
@@ -48,6 +61,7 @@ class Config:
             "lock_timeout": self.lock_timeout,
             "max_scratch_bytes": self.max_scratch_bytes,
             "connect_attempts": self.connect_attempts,
+            "mode": self.mode,
         }
 
 
@@ -86,6 +100,17 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     if not _DURATION.match(lock_timeout):
         raise ConfigError(f"LOCK_TIMEOUT must be a duration like 5s or 500ms, not {lock_timeout!r}")
 
+    scratch_url = env.get("SCRATCH_DATABASE_URL", "").strip() or None
+    if scratch_url is not None and scratch_url.lower() == EMBEDDED:
+        scratch_url = EMBEDDED
+    elif scratch_url is not None:
+        try:
+            conninfo_to_dict(scratch_url)
+        except psycopg.ProgrammingError:
+            raise ConfigError(
+                "SCRATCH_DATABASE_URL is neither 'embedded' nor a libpq URI or conninfo string"
+            ) from None
+
     return Config(
         database_url=env.get("DATABASE_URL") or None,
         allow_list=Path(get("ALLOW_LIST", str(DEFAULT_ALLOW_LIST))),
@@ -100,6 +125,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         connect_attempts=_number(env, "CONNECT_ATTEMPTS", 5, int),
         connect_wait=_number(env, "CONNECT_WAIT", 2.0, float),
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
+        scratch_database_url=scratch_url,
+        pg_bindir=env.get("PG_BINDIR", "").strip() or None,
     )
 
 

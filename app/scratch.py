@@ -64,6 +64,15 @@ def open_scratch(
     config: Config, lock_conn: psycopg.Connection[Any], work: psycopg.Connection[Any]
 ) -> Scratch:
     """The scratch the configuration asks for; nothing is written yet."""
+    if config.mode == "embedded":
+        from app.embedded import EmbeddedScratch
+
+        return EmbeddedScratch(config, work)
+    if config.mode == "database":
+        from app.scratchdb import ScratchDatabase
+
+        assert config.scratch_database_url is not None
+        return ScratchDatabase(config, config.scratch_database_url, work)
     return SchemaOnSource(config, lock_conn, work)
 
 
