@@ -231,12 +231,11 @@ class _Source:
         self.conn = conn
         self.original = conn
 
-    def fresh(self) -> psycopg.Connection[Any]:
-        if self.conn.broken or self.conn.closed:
-            if self.conn is not self.original:
-                self.conn.close()
-            self.conn = db.connect(self.config)
-        return self.conn
+    def renew(self) -> None:
+        """A standby may have ended the session without the client noticing yet."""
+        if self.conn is not self.original:
+            self.conn.close()
+        self.conn = db.connect(self.config)
 
     def close(self) -> None:
         if self.conn is not self.original:
@@ -250,17 +249,19 @@ def _copy(
     replay the primary's changes: then start again, whole, from a fresh snapshot."""
     attempt = 1
     while True:
-        work = source.fresh()
-        work.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        work.read_only = not scratch.writes_source
         try:
+            if attempt > 1:
+                source.renew()
+            work = source.conn
+            work.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            work.read_only = not scratch.writes_source
             plan = _checked_plan(config, allow, scratch, work)
             return plan, scratch.build(work, plan)
-        except psycopg.Error as exc:
+        except (psycopg.Error, DatabaseError) as exc:
             if not db.is_recovery_conflict(exc):
                 raise
             with contextlib.suppress(psycopg.Error):
-                work.rollback()
+                source.conn.rollback()
             scratch.reset()
             if attempt >= RECOVERY_ATTEMPTS:
                 raise DatabaseError(

@@ -133,9 +133,9 @@ def check_privileges(
 def is_recovery_conflict(exc: BaseException) -> bool:
     """A hot standby cancelled the query, or ended the session, because replaying the
     primary's changes needed rows or locks the snapshot still used."""
-    if not isinstance(exc, psycopg.Error):
+    if isinstance(exc, psycopg.Error) and exc.sqlstate not in (None, "40001"):
         return False
-    if exc.sqlstate not in (None, "40001"):
+    if not isinstance(exc, psycopg.Error | DatabaseError):
         return False
     return "conflict with recovery" in str(exc)
 
