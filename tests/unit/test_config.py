@@ -65,3 +65,26 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name) as info:
         config.load({name: value})
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        (None, "schema"),
+        ("  ", "schema"),
+        ("embedded", "embedded"),
+        ("EMBEDDED", "embedded"),
+        ("postgresql://scrub:pw@scratch-db/scratch", "database"),
+        ("host=scratch-db dbname=scratch", "database"),
+    ],
+)
+def test_scratch_database_url_picks_the_mode(value: str | None, mode: str) -> None:
+    c = config.load({} if value is None else {"SCRATCH_DATABASE_URL": value})
+    assert c.mode == mode
+    assert c.describe()["mode"] == mode
+    assert "pw" not in str(c.describe())
+
+
+def test_a_scratch_database_url_that_libpq_cannot_read_is_refused() -> None:
+    with pytest.raises(ConfigError, match="SCRATCH_DATABASE_URL"):
+        config.load({"SCRATCH_DATABASE_URL": "host=db dbname='unterminated"})
