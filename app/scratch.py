@@ -18,7 +18,7 @@ from psycopg import sql
 
 from app import db
 from app.config import Config
-from app.errors import JobError
+from app.errors import DatabaseError, JobError
 from app.log import log
 from app.plan import Plan
 from app.scrub import ScratchSchema, TableResult, drop_leftover
@@ -95,6 +95,12 @@ class SchemaOnSource:
         return self.work.info.server_version // 10000
 
     def prepare(self) -> None:
+        row = self.lock_conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        if row and row[0]:
+            raise DatabaseError(
+                "the source is a hot standby, where the scratch schema cannot be created: "
+                "set SCRATCH_DATABASE_URL to another database, or to 'embedded'"
+            )
         drop_leftover(self.lock_conn, self.config.scratch_schema)
 
     def build(self, source: psycopg.Connection[Any], plan: Plan) -> list[TableResult]:

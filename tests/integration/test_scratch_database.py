@@ -310,6 +310,17 @@ def test_refuses_the_source_itself_or_the_same_database_on_its_primary(
 
 
 @pytest.mark.one_major
+def test_the_default_mode_on_a_standby_says_to_set_scratch_database_url(
+    source: Source, tmp_path: Path
+) -> None:
+    env = jobrun.job_env(source.standby("demo"), tmp_path, source.bindir)
+    result = jobrun.run(env, "dump")
+    assert result.returncode == 4, result.stderr
+    assert "set SCRATCH_DATABASE_URL" in result.logs[-1]["message"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.one_major
 def test_refuses_a_database_that_is_not_empty_and_not_its_own(
     source: Source, tmp_path: Path
 ) -> None:
