@@ -293,6 +293,7 @@ class ScratchSchema:
             for con in tp.table.constraints:
                 if con.kind in "pux":
                     name = self.plan.names.take(con.name)
+                    tp.index_names[con.name] = name
                     self.conn.execute(
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                             table, sql.Identifier(name), as_sql(con.definition)
@@ -305,10 +306,11 @@ class ScratchSchema:
             for index in tp.table.indexes:
                 if index.of_constraint:
                     continue
+                tp.index_names[index.name] = self.plan.names.take(index.name)
                 self.conn.execute(
                     sql.SQL("CREATE {}INDEX {} ON {} {}").format(
                         sql.SQL("UNIQUE ") if index.unique else sql.SQL(""),
-                        sql.Identifier(self.plan.names.take(index.name)),
+                        sql.Identifier(tp.index_names[index.name]),
                         table,
                         as_sql(index.method_sql),
                     )
