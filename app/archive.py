@@ -83,11 +83,14 @@ def _header_bytes(path: Path) -> bytes:
         path = path / "toc.dat"
     with path.open("rb") as handle:
         head = handle.read(4096)
-    if not head.startswith(MAGIC) and tarfile.is_tarfile(path):
-        with tarfile.open(path) as tar:
-            member = tar.extractfile("toc.dat")
-            if member is not None:
-                return member.read(4096)
+    if not head.startswith(MAGIC):
+        try:
+            with tarfile.open(path) as tar:
+                member = tar.extractfile("toc.dat")
+                if member is not None:
+                    return member.read(4096)
+        except (tarfile.TarError, EOFError, KeyError, OSError):
+            pass  # not a tar archive of pg_dump's
     return head
 
 

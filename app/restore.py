@@ -36,7 +36,10 @@ MAX_JOBS = 4
 # What makes a target "not empty": relations and types of the application (not of an
 # extension) in any schema but the system ones, and the schemas the dump creates.
 NOT_EMPTY = """
-SELECT kind || ' ' || quote_ident(nspname) || '.' || quote_ident(name) FROM (
+SELECT what FROM (
+  SELECT kind || ' ' || quote_ident(nspname) || '.' || quote_ident(name) AS what,
+         kind = 'table' AS first, nspname, name
+  FROM (
     SELECT CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view'
                           WHEN 'm' THEN 'materialized view' WHEN 'f' THEN 'foreign table'
                           ELSE 'table' END AS kind, n.nspname, c.relname AS name
@@ -51,11 +54,13 @@ SELECT kind || ' ' || quote_ident(nspname) || '.' || quote_ident(name) FROM (
            OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
       AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_type'::regclass
                        AND e.objid = t.oid AND e.deptype = 'e')
-) AS found
-WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%%'
+  ) AS objects
+  WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%%'
 UNION ALL
-SELECT 'schema ' || quote_ident(nspname) FROM pg_namespace WHERE nspname = ANY(%(created)s)
-ORDER BY 1
+  SELECT 'schema ' || quote_ident(nspname), true, nspname, ''
+  FROM pg_namespace WHERE nspname = ANY(%(created)s)
+) AS found
+ORDER BY first DESC, nspname, name
 """
 
 NAMES_IN_SCHEMA = """
