@@ -104,7 +104,7 @@ def collect(
     """The manifest of a finished copy, before it is committed.
 
     `scratch` is the connection that holds the copy (the source itself by default);
-    `scratch_schema` None means each table sits in the schema it came from."""
+    `scratch_schema` None means every object sits under its original schema and name."""
     scratch = scratch or source
     catalog = plan.catalog
     by_name = {r.scratch_name: r for r in results}
@@ -112,12 +112,15 @@ def collect(
     def where(schema: str) -> str:
         return scratch_schema or schema
 
+    def located(tp: TablePlan) -> tuple[str, str]:
+        if scratch_schema is None:
+            return tp.table.schema, tp.table.name
+        return scratch_schema, tp.scratch_name
+
     originals = owned_sequences(source, [(t.table.schema, t.table.name) for t in plan.tables])
-    copies = owned_sequences(
-        scratch, [(where(t.table.schema), t.scratch_name) for t in plan.tables]
-    )
+    copies = owned_sequences(scratch, [located(t) for t in plan.tables])
     tables = [
-        _table(scratch, plan, tp, by_name[tp.scratch_name], where(tp.table.schema), old, new)
+        _table(scratch, plan, tp, by_name[tp.scratch_name], located(tp), old, new)
         for tp, old, new in zip(plan.tables, originals, copies, strict=True)
     ]
     return {
@@ -168,7 +171,7 @@ def _table(
     plan: Plan,
     tp: TablePlan,
     result: TableResult,
-    scratch_schema: str,
+    located: tuple[str, str],
     original_sequences: dict[str, tuple[str, str]],
     copy_sequences: dict[str, tuple[str, str]],
 ) -> dict[str, Any]:
@@ -182,8 +185,8 @@ def _table(
     return {
         "schema": table.schema,
         "name": table.name,
-        "scratch_schema": scratch_schema,
-        "scratch_name": tp.scratch_name,
+        "scratch_schema": located[0],
+        "scratch_name": located[1],
         "rows": result.rows,
         "kept": tp.kept,
         "faked": [
