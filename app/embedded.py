@@ -85,12 +85,14 @@ class EmbeddedScratch:
             f"postgresql://postgres@127.0.0.1:{self.cluster.port}/postgres"
             "?hostaddr=127.0.0.1&sslmode=disable&gssencmode=disable"
         )
-        self.database = ScratchDatabase(self.config, url, self.source)
+        self.database = ScratchDatabase(self.config, url, self.source, self.mode)
         self.database.prepare()
 
-    def build(self, source: psycopg.Connection[Any], plan: Plan) -> list[TableResult]:
+    def build(
+        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+    ) -> list[TableResult]:
         assert self.database is not None
-        return self.database.build(source, plan)
+        return self.database.build(source, plan, allow_list_sha256)
 
     def reset(self) -> None:
         if self.database is not None:

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from app import db
+from app import manifest as mf
 from app.config import Config
 from app.errors import DatabaseError, JobError
 from app.log import log
@@ -45,8 +46,11 @@ class Scratch(Protocol):
         """Lock, check and clear what a killed run left, before the plan is read."""
         ...
 
-    def build(self, source: psycopg.Connection[Any], plan: Plan) -> list[TableResult]:
-        """Make the copy from the snapshot open on `source` and commit it for pg_dump."""
+    def build(
+        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+    ) -> list[TableResult]:
+        """Make the copy from the snapshot open on `source`, with its manifest, and commit
+        it for pg_dump."""
         ...
 
     def reset(self) -> None:
@@ -103,9 +107,21 @@ class SchemaOnSource:
             )
         drop_leftover(self.lock_conn, self.config.scratch_schema)
 
-    def build(self, source: psycopg.Connection[Any], plan: Plan) -> list[TableResult]:
+    def build(
+        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+    ) -> list[TableResult]:
         self.work = source
         results = ScratchSchema(source, plan).build()
+        location = mf.in_scratch(self.config.scratch_schema)
+        contents = mf.collect(
+            plan,
+            results,
+            location,
+            source=source,
+            scratch_schema=self.config.scratch_schema,
+            allow_list_sha256=allow_list_sha256,
+        )
+        mf.write(source, location, contents)
         source.commit()
         self.committed = True
         return results

@@ -11,6 +11,7 @@ when it is empty or carries this job's marker.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from app import db, ddl
+from app import manifest as mf
 from app.config import Config
 from app.errors import ConfigError, JobError
 from app.log import log
@@ -30,6 +32,7 @@ MARKER = "sanitised-dump scratch database: emptied at every run, safe to empty"
 LOCK_SCOPE = "scratch database"
 WHAT, VARIABLE = "the scratch database", "SCRATCH_DATABASE_URL"
 BATCH_BYTES = 1 << 20
+MANIFEST_MODES = {"database": "scratch_database", "embedded": "embedded_server"}
 
 # What makes a database not empty: anything a fresh CREATE DATABASE does not have.
 USER_OBJECTS = """
@@ -61,10 +64,12 @@ FROM pg_database d WHERE d.datname = current_database()
 class ScratchDatabase:
     """Another database (same cluster as the source or another server) for the copy."""
 
-    mode = "database"
     writes_source = False
 
-    def __init__(self, config: Config, url: str, source: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self, config: Config, url: str, source: psycopg.Connection[Any], mode: str = "database"
+    ) -> None:
+        self.mode = mode
         self.config = config
         self.url = url
         self.source = source
@@ -130,8 +135,11 @@ class ScratchDatabase:
             self.owned = True
         log.info("scratch database ready", extra={"database": here["datname"]})
 
-    def build(self, source: psycopg.Connection[Any], plan: Plan) -> list[TableResult]:
-        """Everything in one transaction on the scratch side: a failure leaves it empty."""
+    def build(
+        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+    ) -> list[TableResult]:
+        """Everything in one transaction on the scratch side: a failure leaves it empty.
+        The manifest goes into a schema of its own, as no table was renamed."""
         self.source = source
         conn = self._connection()
         place = ddl.UnderOriginalNames()
@@ -171,8 +179,20 @@ class ScratchDatabase:
                 if fk.kept:
                     with ddl.explained(tp.table, "adding foreign keys to"):
                         conn.execute(ddl.foreign_key(plan, tp, fk, place))
+        contents = mf.collect(
+            plan,
+            results,
+            mf.HOME,
+            source=source,
+            scratch=conn,
+            scratch_schema=None,
+            allow_list_sha256=allow_list_sha256,
+            mode=MANIFEST_MODES[self.mode],
+        )
+        mf.write(conn, mf.HOME, contents)
         conn.commit()
-        source.rollback()
+        with contextlib.suppress(psycopg.Error):
+            source.rollback()  # the snapshot is no longer needed: let the standby go on
         return results
 
     def reset(self) -> None:
