@@ -164,8 +164,31 @@ def test_the_dump_restores_under_the_original_names(dumped: Dumped) -> None:
         "SELECT table_schema, table_name FROM information_schema.tables"
         " WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2",
     )
-    assert tables == sorted(_split(k) for k in demo.allow_list())
+    manifest = ("sanitised_dump", "manifest")  # in a schema of its own
+    assert tables == sorted([*(_split(k) for k in demo.allow_list()), manifest])
     assert jobrun.SCRATCH not in jobrun.schemas(dumped.target)
+
+
+def test_inspect_and_restore_read_the_manifest(dumped: Dumped) -> None:
+    dump = dumped.storage / "sanitised.dump"
+    env = job_env(dumped.source, dumped.storage, "demo", "embedded")
+    inspected = jobrun.run(env, "inspect", "--format", "json", str(dump))
+    assert inspected.returncode == 0, inspected.stderr
+    manifest = json.loads(inspected.stdout)["manifest"]
+    assert (
+        manifest["mode"]
+        == {"database": "scratch_database", "embedded": "embedded_server"}[dumped.mode]
+    )
+    assert manifest["scratch_schema"] is None
+    assert {(t["schema"], t["name"]) for t in manifest["tables"]} == {
+        (t["scratch_schema"], t["scratch_name"]) for t in manifest["tables"]
+    }
+    assert sum(t["rows"] for t in manifest["tables"]) == 1760
+    target = dumped.source.primary(dumped.source.create_database("restored"))
+    restored = jobrun.run(env, "restore", "--dump", str(dump), "--target", target)
+    assert restored.returncode == 0, restored.stderr
+    query = "SELECT id, org_id, role FROM users ORDER BY id"
+    assert jobrun.rows(target, query) == jobrun.rows(dumped.target, query)
 
 
 def test_no_canary_and_no_unlisted_row_is_in_the_dump(dumped: Dumped) -> None:
