@@ -255,7 +255,7 @@ def _dump(
             log.warning("removed a stale temporary file", extra={"path": str(stale)})
 
         copy_started = time.monotonic()
-        plan, results = _copy(config, allow, scratch, source)
+        plan, results = _copy(config, allow, scratch, source, lock_conn)
         copy_seconds = time.monotonic() - copy_started
         temp = publish.create_temp(config.storage_dir, config.dump_name)
         target = scratch.dump_source()
@@ -320,12 +320,17 @@ class _Source:
 
 
 def _copy(
-    config: Config, allow: allowlist.AllowList, scratch: Scratch, source: _Source
+    config: Config,
+    allow: allowlist.AllowList,
+    scratch: Scratch,
+    source: _Source,
+    lock_conn: psycopg.Connection[Any],
 ) -> tuple[Plan, list[TableResult]]:
     """Read the plan and make the copy from one snapshot. A hot standby may cancel it to
     replay the primary's changes: then start again, whole, from a fresh snapshot."""
     attempt = 1
     while True:
+        conflicts = db.recovery_conflicts(lock_conn)
         try:
             if attempt > 1:
                 source.renew()
@@ -335,7 +340,13 @@ def _copy(
             plan = _checked_plan(config, allow, scratch, work)
             return plan, scratch.build(work, plan, allow.sha256)
         except (psycopg.Error, DatabaseError) as exc:
-            if not db.is_recovery_conflict(exc):
+            lost = isinstance(exc, DatabaseError) or (
+                isinstance(exc, psycopg.OperationalError) and source.conn.broken
+            )
+            if not (
+                db.is_recovery_conflict(exc)
+                or (lost and conflicts is not None and db.conflict_counted(lock_conn, conflicts))
+            ):
                 raise
             with contextlib.suppress(psycopg.Error):
                 source.conn.rollback()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -138,6 +139,33 @@ def is_recovery_conflict(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.Error | DatabaseError):
         return False
     return "conflict with recovery" in str(exc)
+
+
+RECOVERY_CONFLICTS = """
+SELECT CASE WHEN pg_is_in_recovery() THEN
+       (SELECT confl_tablespace + confl_lock + confl_snapshot + confl_bufferpin + confl_deadlock
+          FROM pg_stat_database_conflicts WHERE datname = current_database()) END
+"""
+
+
+def recovery_conflicts(conn: psycopg.Connection[Any]) -> int | None:
+    """Queries the standby has cancelled or ended so far in this database; None on a
+    primary. Read on an idle autocommit connection, which no such conflict ends."""
+    row = conn.execute(RECOVERY_CONFLICTS).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def conflict_counted(conn: psycopg.Connection[Any], before: int, wait: float = 3.0) -> bool:
+    """Whether the standby counted a conflict since `before`: the session it ends may close
+    before its message reaches the client, so a lost connection alone does not tell."""
+    deadline = time.monotonic() + wait
+    while True:
+        now = recovery_conflicts(conn)
+        if now is not None and now > before:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _first_line(exc: BaseException | None) -> str:
