@@ -31,7 +31,7 @@ from tests.seed.jobserver import data as jobserver
 # A primary, its standby and two embedded servers per major take about a minute: the
 # oldest and the newest major of the run cover what the majors change (libpq, COPY,
 # catalogs, recovery conflicts).
-pytestmark = pytest.mark.edge_majors
+pytestmark = [pytest.mark.edge_majors, pytest.mark.throwaway_clusters]
 
 # Every relation and schema of a database, to prove the run created none on the source.
 RELATIONS = "SELECT oid, relname, relfilenode FROM pg_class ORDER BY oid"
