@@ -145,9 +145,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             callspec = getattr(item, "callspec", None)
             major = callspec.params.get("pg_server") if callspec else None
             if EXTERNAL_URL and item.get_closest_marker("throwaway_clusters"):
-                item.add_marker(
-                    pytest.mark.skip(reason="starts clusters of its own; not with TEST_DATABASE_URL")
-                )
+                reason = "starts clusters of its own; not with TEST_DATABASE_URL"
+                item.add_marker(pytest.mark.skip(reason=reason))
             if item.get_closest_marker("one_major") and major != newest:
                 drop.append(item)
                 continue
