@@ -53,7 +53,13 @@ class EmbeddedScratch:
         self.root = config.storage_dir / f"{DATA_PREFIX}{config.dump_name}"
         self.lock_path = config.storage_dir / f".sanitised-dump-{config.dump_name}.lock"
         self.lock_fd: int | None = None
-        self.cluster = Cluster(self.bindir, self.root / "data", pick_free_port())
+        try:
+            self.cluster = Cluster(self.bindir, self.root / "data", pick_free_port())
+        except KeyError:
+            raise ConfigError(
+                f"the job's uid {os.geteuid()} has no passwd entry, which initdb needs: run "
+                "the job as a user that has one, or use SCRATCH_DATABASE_URL=<url>"
+            ) from None
         self.started = False
         self.database: ScratchDatabase | None = None
 
