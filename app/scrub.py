@@ -17,6 +17,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
+from app import pseudonym
 from app.catalog import Column, Constraint, SequenceInfo, Table, TypeInfo, as_sql
 from app.errors import AllowListMismatch, ConfigError, DatabaseError
 from app.log import log
@@ -61,15 +62,21 @@ class TableResult:
     kept: list[str]
     faked: list[str]
     seconds: float
+    set_columns: list[str]
+    pseudonymised: list[str]
+    structure_only: bool
 
 
 class ScratchSchema:
     """Builds the copy in a schema of the source database, inside the open transaction."""
 
-    def __init__(self, conn: psycopg.Connection[Any], plan: Plan) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], plan: Plan, pseudonym_key: str | None = None
+    ) -> None:
         self.conn = conn
         self.plan = plan
         self.schema = plan.scratch_schema
+        self.pseudonym_key = pseudonym_key
 
     def ident(self, *name: str) -> sql.Identifier:
         return sql.Identifier(self.schema, *name)
@@ -95,6 +102,10 @@ class ScratchSchema:
         for tp in self.plan.tables:
             self._create_table(tp)
         self._check_self_contained()
+        if self.plan.needs_pseudonym_key:
+            if not self.pseudonym_key:
+                raise ConfigError("the allow list pseudonymises columns: set PSEUDONYM_KEY")
+            pseudonym.install_key(self.conn, self.pseudonym_key)
         results = [self._copy(tp) for tp in self.plan.tables]
         for tp in self.plan.tables:
             self._index(tp)
@@ -216,6 +227,34 @@ class ScratchSchema:
 
     def _copy(self, tp: TablePlan) -> TableResult:
         started = time.monotonic()
+        rows = 0 if tp.structure_only else self._insert(tp)
+        result = TableResult(
+            table=tp.table.qualified,
+            scratch_name=tp.scratch_name,
+            rows=rows,
+            kept=tp.kept,
+            faked=tp.faked,
+            seconds=round(time.monotonic() - started, 3),
+            set_columns=list(tp.set_values),
+            pseudonymised=tp.pseudonymised,
+            structure_only=tp.structure_only,
+        )
+        log.info(
+            "table copied",
+            extra={
+                "table": result.table,
+                "rows": result.rows,
+                "kept": result.kept,
+                "faked": result.faked,
+                "set": result.set_columns,
+                "pseudonymised": result.pseudonymised,
+                "structure_only": result.structure_only,
+                "seconds": result.seconds,
+            },
+        )
+        return result
+
+    def _insert(self, tp: TablePlan) -> int:
         inserted = [c for c in tp.columns if c.expression is not None]
         source = sql.Identifier(tp.table.schema, tp.table.name)
         only = sql.SQL("ONLY ") if tp.table.relkind == "r" else sql.SQL("")
@@ -251,25 +290,7 @@ class ScratchSchema:
         with self._explained(tp.table, "copying"):
             rows = self.conn.execute(statement).rowcount
             self._continue_sequences(tp)
-        result = TableResult(
-            table=tp.table.qualified,
-            scratch_name=tp.scratch_name,
-            rows=rows,
-            kept=tp.kept,
-            faked=tp.faked,
-            seconds=round(time.monotonic() - started, 3),
-        )
-        log.info(
-            "table copied",
-            extra={
-                "table": result.table,
-                "rows": result.rows,
-                "kept": result.kept,
-                "faked": result.faked,
-                "seconds": result.seconds,
-            },
-        )
-        return result
+        return rows
 
     def _continue_sequences(self, tp: TablePlan) -> None:
         """Serial and identity sequences continue after the largest copied value."""
@@ -349,9 +370,9 @@ class ScratchSchema:
         except (pgerrors.CheckViolation, pgerrors.NotNullViolation) as exc:
             constraint = exc.diag.constraint_name or "a constraint"
             raise AllowListMismatch(
-                f"{doing} {table.qualified}: {constraint} rejects a fake value "
+                f"{doing} {table.qualified}: {constraint} rejects a fake or set value "
                 f"({exc.diag.message_primary}); keep the column it checks in the allow list, "
-                "or leave the table out"
+                "set it to a value the constraint accepts, or leave the table out"
             ) from None
         except pgerrors.UniqueViolation as exc:
             raise AllowListMismatch(
@@ -366,8 +387,9 @@ class ScratchSchema:
             pgerrors.InvalidTextRepresentation,
         ) as exc:
             raise AllowListMismatch(
-                f"{doing} {table.qualified}: a fake does not fit its column "
-                f"({exc.diag.message_primary}); keep the column in the allow list"
+                f"{doing} {table.qualified}: a fake or set value does not fit its column "
+                f"({exc.diag.message_primary}); keep the column in the allow list or set "
+                "it to a value that fits"
             ) from None
         except pgerrors.ForeignKeyViolation as exc:
             raise DatabaseError(
