@@ -55,6 +55,20 @@ def main(argv: list[str] | None = None) -> int:
             extra={"exit_code": exc.exit_code, "signal": exc.signum},
         )
         return exc.exit_code
+    except psycopg.errors.LockNotAvailable:
+        log.error(
+            f"waited longer than LOCK_TIMEOUT={config.lock_timeout} for a table lock (a "
+            "migration may be running): run again later or raise LOCK_TIMEOUT",
+            extra={"exit_code": DatabaseError.exit_code},
+        )
+        return DatabaseError.exit_code
+    except psycopg.errors.QueryCanceled as exc:
+        log.error(
+            f"a statement was cancelled ({exc.diag.message_primary}): the server's "
+            "statement_timeout is too short for the copy, or an operator cancelled it",
+            extra={"exit_code": DatabaseError.exit_code},
+        )
+        return DatabaseError.exit_code
     except psycopg.Error as exc:
         log.error(f"database error: {exc}", extra={"exit_code": DatabaseError.exit_code})
         return DatabaseError.exit_code

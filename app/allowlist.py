@@ -142,8 +142,8 @@ def parse(document: Any, path: Path | str = "allow list") -> tuple[TableEntry, .
             entries.append(_table_object(key, schema, table, value, where))
         else:
             raise ConfigError(
-                f"{where}: the value must be a list of column names or an object with "
-                f"{', '.join(KEYS)}, not {_kind(value)}"
+                f"{where}: the value must be a list of column names, not {_kind(value)} (or an "
+                f"object with {', '.join(KEYS)})"
             )
     return tuple(entries)
 
