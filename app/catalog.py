@@ -424,15 +424,15 @@ def read(conn: psycopg.Connection[Any], allow: AllowList, scratch_schema: str) -
             names = {c.name for c in table.columns}
             entry = table.entry
             for role, columns in (
-                ("kept", entry.keep),
-                ("set", [c for c, _ in entry.set_values]),
-                ("pseudonymised", entry.pseudonymise),
+                ("", entry.keep),
+                (", set", [c for c, _ in entry.set_values]),
+                (", pseudonymised", entry.pseudonymise),
             ):
                 for name in columns:
                     if name not in names:
                         problems.append(
                             f"column {name!r} of table {table.qualified!r} (entry "
-                            f"{entry.key!r}, {role}) does not exist"
+                            f"{entry.key!r}{role}) does not exist"
                         )
         if problems:
             raise AllowListMismatch("allow list does not fit the database: " + "; ".join(problems))
