@@ -124,6 +124,7 @@ _KNOWN_TOKEN = re.compile(
 _RUN = re.compile(r"[A-Za-z0-9+/=_-]{20,}")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _DIGEST_LENGTHS = (40, 64)  # SHA-1 and SHA-256 in hex: git commits and content hashes
+_NO_DIGITS = str.maketrans("", "", "0123456789")
 _LETTER = re.compile(r"[^\W\d_]")
 
 
@@ -219,29 +220,47 @@ def detect(value: str) -> tuple[dict[str, str], set[str]]:
             start, end = match.span()
             text = text[:start] + " " * (end - start) + text[end:]
 
-    take("ignored", _UUID)
-    take("ignored", _ULID)
-    take("ignored", _PSEUDONYM)
-    take("password_hash", _PASSWORD_HASH)
-    take("jwt", _JWT)
-    take("email", _EMAIL, lambda m: not _RESERVED_DOMAINS.search(m.group(1)))
-    take("phone", _PHONE, lambda m: m.group(0).startswith("+") and _phone(m.group(0)))
-    take(
-        "payment_card",
-        _CARD,
-        lambda m: 13 <= len(d := _digits(m.group(0))) <= 19 and bool(_CARD_PREFIX.match(d)),
-        lambda m: luhn(_digits(m.group(0))),
-    )
-    take("nhs_number", _NHS, None, lambda m: nhs_valid(_digits(m.group(0))))
-    take("ip_address", _IPV4, lambda m: _public_ip(m.group(0)))
-    take(
-        "ip_address",
-        _IPV6,
-        lambda m: ("::" in m.group(0) or m.group(0).count(":") == 7) and _public_ip(m.group(0)),
-    )
-    take("phone", _PHONE, lambda m: _phone(m.group(0)))
-    take("token", _KNOWN_TOKEN)
-    take("token", _RUN, lambda m: _random_token(m.group(0)))
+    # Cheap tests on the whole value first: most values hold none of the patterns.
+    if len(value) < 7:
+        return found, failed
+    digits = len(value) - len(value.translate(_NO_DIGITS))
+    if "-" in value:
+        take("ignored", _UUID)
+    if len(value) >= 26:
+        take("ignored", _ULID)
+    if PSEUDONYM_PREFIX in value:
+        take("ignored", _PSEUDONYM)
+    if "$" in value:
+        take("password_hash", _PASSWORD_HASH)
+    if "eyJ" in value:
+        take("jwt", _JWT)
+    if "@" in value:
+        take("email", _EMAIL, lambda m: not _RESERVED_DOMAINS.search(m.group(1)))
+    if digits >= 10 and "+" in value:
+        take("phone", _PHONE, lambda m: m.group(0).startswith("+") and _phone(m.group(0)))
+    if digits >= 13:
+        take(
+            "payment_card",
+            _CARD,
+            lambda m: 13 <= len(d := _digits(m.group(0))) <= 19 and bool(_CARD_PREFIX.match(d)),
+            lambda m: luhn(_digits(m.group(0))),
+        )
+    if digits >= 10:
+        take("nhs_number", _NHS, None, lambda m: nhs_valid(_digits(m.group(0))))
+    if digits >= 4 and "." in value:
+        take("ip_address", _IPV4, lambda m: _public_ip(m.group(0)))
+    if value.count(":") >= 2:
+        take(
+            "ip_address",
+            _IPV6,
+            lambda m: ("::" in m.group(0) or m.group(0).count(":") == 7) and _public_ip(m.group(0)),
+        )
+    if digits >= 10:
+        take("phone", _PHONE, lambda m: _phone(m.group(0)))
+    if len(value) >= 15:
+        take("token", _KNOWN_TOKEN)
+    if len(value) >= 20 and digits >= 2:
+        take("token", _RUN, lambda m: _random_token(m.group(0)))
     found.pop("ignored", None)
     return found, failed - set(found)
 
@@ -335,7 +354,8 @@ class ColumnScan:
         found, failed = detect(value)
         for kind, match in found.items():
             self.matched[kind] += 1
-            self.examples.setdefault(kind, redact(kind, match))
+            if kind not in self.examples:
+                self.examples[kind] = redact(kind, match)
         self.failed.update(failed)
         if self.text and is_prose(value):
             self.prose += 1
