@@ -27,6 +27,7 @@ class Config:
     log_format: str
     log_level: str
     pg_dump: str
+    pg_restore: str
     lock_timeout: str
     max_scratch_bytes: int | None
     connect_attempts: int
@@ -34,7 +35,6 @@ class Config:
     application_name: str
     scan: str = "warn"
     scan_rows: int = 1000
-    pg_restore: str = "pg_restore"
     pseudonym_key: str | None = field(default=None, repr=False)
 
     @property
@@ -114,6 +114,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         log_format=log_format,
         log_level=log_level,
         pg_dump=get("PG_DUMP", "pg_dump"),
+        pg_restore=get("PG_RESTORE", "pg_restore"),
         lock_timeout=lock_timeout,
         max_scratch_bytes=_size(env, "MAX_SCRATCH_BYTES"),
         connect_attempts=_number(env, "CONNECT_ATTEMPTS", 5, int),
@@ -121,7 +122,6 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
         scan=scan,
         scan_rows=_number(env, "SCAN_ROWS", 1000, int),
-        pg_restore=get("PG_RESTORE", "pg_restore"),
         pseudonym_key=pseudonym_key,
     )
 

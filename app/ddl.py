@@ -290,14 +290,17 @@ def continue_sequences(tp: TablePlan, place: Placement) -> list[tuple[sql.Compos
 
 
 def index(tp: TablePlan, place: Placement) -> list[sql.Composed]:
-    """Primary keys, unique constraints, unvalidated CHECKs and indexes, built after the load."""
+    """Primary keys, unique constraints, unvalidated CHECKs and indexes, built after the load.
+
+    The name each index gets is kept in `tp.index_names`, for the manifest."""
     table = table_ident(place, tp)
     statements: list[sql.Composed] = []
     for con in tp.table.constraints:
         if con.kind in "pux":
+            tp.index_names[con.name] = place.index_name(con.name)
             statements.append(
                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-                    table, sql.Identifier(place.index_name(con.name)), as_sql(con.definition)
+                    table, sql.Identifier(tp.index_names[con.name]), as_sql(con.definition)
                 )
             )
         elif con.kind == "c" and not con.validated:
@@ -305,10 +308,11 @@ def index(tp: TablePlan, place: Placement) -> list[sql.Composed]:
     for ix in tp.table.indexes:
         if ix.of_constraint:
             continue
+        tp.index_names[ix.name] = place.index_name(ix.name)
         statements.append(
             sql.SQL("CREATE {}INDEX {} ON {} {}").format(
                 sql.SQL("UNIQUE ") if ix.unique else sql.SQL(""),
-                sql.Identifier(place.index_name(ix.name)),
+                sql.Identifier(tp.index_names[ix.name]),
                 table,
                 as_sql(ix.method_sql),
             )

@@ -18,19 +18,21 @@ import itertools
 import json
 import math
 import re
-import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from app import archive
+from app import manifest as mf
 from app.catalog import Catalog, Column
-from app.errors import ConfigError, PgDumpError
+from app.dump import _die_with_parent
+from app.errors import ConfigError, PgRestoreError
 from app.pseudonym import PREFIX as PSEUDONYM_PREFIX
 from app.pseudonym import TEXT_HEX as PSEUDONYM_HEX
 
@@ -549,8 +551,9 @@ def _bytea_text(value: str) -> str:
 
 def copy_blocks(
     lines: Iterable[str],
-) -> Iterator[tuple[str, list[str], Iterator[list[str | None]]]]:
-    """(schema.table, columns, rows) for each COPY block of a pg_restore script."""
+) -> Iterator[tuple[tuple[str, str], list[str], Iterator[list[str | None]]]]:
+    """((schema, table), columns, rows) for each COPY block of a pg_restore script; read
+    each block's rows before asking for the next block."""
     it = iter(lines)
     for line in it:
         match = _COPY.match(line.rstrip("\n"))
@@ -566,56 +569,66 @@ def copy_blocks(
                     return
                 yield [_unescape(f) for f in row.split("\t")]
 
-        yield f"{schema}.{table}", columns, rows()
+        yield (schema, table), columns, rows()
 
 
-def find_pg_restore(pg_restore: str, pg_dump: str) -> str:
-    """PG_RESTORE, else the pg_restore beside PG_DUMP, else the one on PATH."""
-    candidates = [pg_restore]
-    if pg_restore == "pg_restore":
-        dump = shutil.which(pg_dump)
-        if dump:
-            candidates.insert(0, str(Path(dump).with_name("pg_restore")))
-    for candidate in candidates:
-        path = shutil.which(candidate)
-        if path:
-            return path
-    raise PgDumpError(f"pg_restore not found: {pg_restore!r} (set PG_RESTORE)")
-
-
-def scan_dump(pg_restore: str, path: Path, rows: int) -> ScanResult:
-    """Stream the dump's data through pg_restore (no database) and scan every column."""
+def scan_dump(pg_restore: archive.PgRestore, path: Path, rows: int) -> ScanResult:
+    """Stream the dump's data through pg_restore (no database) and scan every column of
+    every table, named as the manifest names them (a dump without one: as it has them)."""
     if not path.is_file():
         raise ConfigError(f"dump {path} does not exist or is not a file")
+    try:
+        manifest, location = mf.read(pg_restore, path)
+    except ConfigError:
+        names: dict[tuple[str, str], str] = {}
+        skipped: set[tuple[str, str]] = set()
+    else:
+        names = {
+            (t["scratch_schema"], t["scratch_name"]): f"{t['schema']}.{t['name']}"
+            for t in manifest["tables"]
+        }
+        skipped = {(location.schema, location.table)}
     result = ScanResult(str(path), rows)
     process = subprocess.Popen(
-        [pg_restore, "--data-only", "--file=-", str(path)],
+        [pg_restore.path, "--data-only", "--file=-", str(path)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
     )
-    assert process.stdout is not None
+    assert process.stdout is not None and process.stderr is not None
     try:
-        _scan_stream(process.stdout, result, rows)
+        lines = (raw.decode("utf-8", errors="replace") for raw in process.stdout)
+        for table, columns, block in copy_blocks(lines):
+            if table in skipped:
+                for _ in block:
+                    pass
+                continue
+            _scan_block(result, names.get(table, ".".join(table)), columns, block, rows)
     finally:
         process.stdout.close()
-        stderr = process.stderr.read() if process.stderr else b""
+        stderr = process.stderr.read()
+        process.stderr.close()
         code = process.wait()
     if code != 0:
         message = stderr.decode(errors="replace").strip()[-2000:]
-        raise PgDumpError(f"pg_restore could not read {path} (exit {code}): {message}")
+        raise PgRestoreError(f"pg_restore could not read {path} (exit {code}): {message}")
     return result
 
 
-def _scan_stream(stream: IO[bytes], result: ScanResult, rows: int) -> None:
-    lines = (raw.decode("utf-8", errors="replace") for raw in stream)
-    for table, columns, block in copy_blocks(lines):
-        result.tables += 1
-        scans = [ColumnScan(table, c) for c in columns]
-        for number, row in enumerate(block):
-            if number >= rows:
-                continue  # read on to the block's end
-            for scan, value in zip(scans, row, strict=False):
-                if value is not None:
-                    scan.add(_bytea_text(value[:MAX_VALUE]))
-        result.columns += scans
+def _scan_block(
+    result: ScanResult,
+    table: str,
+    columns: list[str],
+    block: Iterator[list[str | None]],
+    rows: int,
+) -> None:
+    result.tables += 1
+    scans = [ColumnScan(table, c) for c in columns]
+    for number, row in enumerate(block):
+        if number >= rows:
+            continue  # read on to the block's end
+        for scan, value in zip(scans, row, strict=False):
+            if value is not None:
+                scan.add(_bytea_text(value[:MAX_VALUE]))
+    result.columns += scans
