@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from app import pseudonym
+from app.plan import MANIFEST_TABLE
 from app.scan import copy_blocks
 from tests import jobrun
 from tests.conftest import Server
@@ -151,7 +152,11 @@ def test_structure_only_table_has_its_structure_and_no_rows(restored: Restored) 
     }
     # Its own foreign key holds (no rows); the one pointing into it would not, so it is left out.
     assert constraints.get("sessions_customer_id_fkey") == "f"
-    assert "orders_session_key_fkey" not in restored.script
+    left_in_copy = jobrun.rows(
+        restored.url,
+        "SELECT count(*) FROM pg_constraint WHERE conname = 'orders_session_key_fkey'",
+    )
+    assert left_in_copy == [(0,)]
     left_out = [
         line
         for line in restored.result.logs
@@ -195,9 +200,13 @@ def test_the_key_reaches_no_server_log_even_with_log_statement_all(
         assert secret not in server_log
 
 
-def _data(bindir: Path, dump: Path) -> dict[str, list[list[str | None]]]:
-    script = jobrun.restore_script(bindir, dump)
-    return {table: list(rows) for table, _, rows in copy_blocks(script.splitlines())}
+def _data(script: str) -> dict[tuple[str, str], list[list[str | None]]]:
+    """The rows of every copied table (the manifest, which says when it was made, aside)."""
+    return {
+        table: list(rows)
+        for table, _, rows in copy_blocks(script.splitlines())
+        if table[1] != MANIFEST_TABLE
+    }
 
 
 @pytest.mark.one_major
@@ -210,11 +219,11 @@ def test_pseudonyms_are_the_same_every_run_with_the_key_and_change_with_it(
         storage.mkdir()
         result = jobrun.run(_env(shop_db, storage, shop_db.allow_list, PSEUDONYM_KEY=key), "dump")
         assert result.returncode == 0, result.stderr
-        runs[name] = _data(shop_db.server.bindir, storage / "sanitised.dump")
-    first = {table: list(rows) for table, _, rows in copy_blocks(restored.script.splitlines())}
+        runs[name] = _data(jobrun.restore_script(shop_db.server.bindir, storage / "sanitised.dump"))
+    first = _data(restored.script)
     assert runs["same"] == first
-    emails = {row[1] for row in first[f"{SCRATCH}.customers"]}
-    other = {row[1] for row in runs["other"][f"{SCRATCH}.customers"]}
+    emails = {row[1] for row in first[SCRATCH, "customers"]}
+    other = {row[1] for row in runs["other"][SCRATCH, "customers"]}
     assert len(emails) == len(other) == 30 and not emails & other
 
 
@@ -373,3 +382,22 @@ def test_check_and_plan_show_the_reviewer_everything(shop_db: Shop, tmp_path: Pa
     assert "public.sessions -> sessions (structure only, no rows)" in plan
     assert 'tier text: set to "free"' in plan
     assert "email text: pseudonym:" in plan and "sanitised_dump_pseudonym_key" in plan
+
+
+def test_the_manifest_records_the_reviewers_choices(shop_db: Shop, restored: Restored) -> None:
+    published = next(line for line in restored.result.logs if line["message"] == "published")
+    env = _env(shop_db, Path(published["path"]).parent, shop_db.allow_list)
+    shown = jobrun.run(env, "inspect", published["path"], "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    tables = {t["name"]: t for t in json.loads(shown.stdout)["manifest"]["tables"]}
+    customers = tables["customers"]
+    assert customers["set"] == _CUSTOMERS["set"]
+    assert customers["pseudonymised"] == ["email", "external"]
+    assert customers["note"] == _CUSTOMERS["note"]
+    assert customers["faked"] == [] and customers["structure_only"] is False
+    assert tables["sessions"]["structure_only"] is True
+    assert tables["sessions"]["rows"] == 0
+    text = jobrun.run(env, "inspect", published["path"]).stdout
+    assert 'set:   referral = "ref-{n}"' in text
+    assert "pseudonymised: email, external" in text
+    assert "structure only: no rows" in text
