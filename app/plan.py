@@ -277,39 +277,34 @@ def _table_plan(catalog: Catalog, table: Table, scratch_name: str) -> TablePlan:
             if uses_copied_type(catalog, column):
                 expression = sql.SQL("{}::text::{}").format(source, as_sql(column.type_sql))
             columns.append(ColumnPlan(column, expression, None, KEPT))
-        elif value is not None:
+        else:
             try:
-                replaced = _set_expression(table, column, value, n)
+                if value is not None:
+                    action, replaced = SET, _set_expression(table, column, value, n)
+                elif pseudonymised:
+                    action = PSEUDONYMISED
+                    replaced = pseudonym.pseudonym(
+                        source, column.type_oid, column.typmod, catalog.types
+                    )
+                else:
+                    action = FAKED
+                    target = Target(table.qualified, column.name, table.is_unique(column))
+                    replaced = fake(
+                        target, column.type_oid, column.typmod, catalog.types, type_ref, n
+                    )
             except _Problems as exc:
                 problems += exc.args[0]
                 continue
-            columns.append(
-                ColumnPlan(column, _unless_null(column, source, replaced), replaced, SET, value)
-            )
-        elif pseudonymised:
-            try:
-                replaced = pseudonym.pseudonym(
-                    source, column.type_oid, column.typmod, catalog.types
-                )
-            except Unfakeable as exc:
-                problems.append(f"{where} is pseudonymised but {exc}")
-                continue
-            columns.append(
-                ColumnPlan(column, _unless_null(column, source, replaced), replaced, PSEUDONYMISED)
-            )
-        else:
-            target = Target(table.qualified, column.name, table.is_unique(column))
-            try:
-                replaced = fake(target, column.type_oid, column.typmod, catalog.types, type_ref, n)
             except Unfakeable as exc:
                 problems.append(
-                    f"{where} is not in the allow list and cannot be faked ({exc}); keep it, "
-                    "set it, or leave the table out"
+                    f"{where} is pseudonymised but {exc}"
+                    if pseudonymised
+                    else f"{where} is not in the allow list and cannot be faked ({exc}); keep "
+                    "it, set it, or leave the table out"
                 )
                 continue
-            columns.append(
-                ColumnPlan(column, _unless_null(column, source, replaced), replaced, FAKED)
-            )
+            whole = _unless_null(column, source, replaced)
+            columns.append(ColumnPlan(column, whole, whole, action, value))
     if problems:
         raise _Problems(problems)
     return TablePlan(table, scratch_name, columns, table.primary_key, row_number)

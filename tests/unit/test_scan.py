@@ -162,9 +162,9 @@ def test_copy_blocks_of_a_pg_restore_script() -> None:
     blocks = [(t, c, list(rows)) for t, c, rows in copy_blocks(script)]
     assert blocks == [
         (
-            'My Schema.Odd "Table"',
+            ("My Schema", 'Odd "Table"'),
             ["id", "Full Name", "note"],
             [["1", "Ada\tLovelace", "line\none"], ["2", None, "back\\slash AB"]],
         ),
-        ("s.t", ["a"], []),
+        (("s", "t"), ["a"], []),
     ]
