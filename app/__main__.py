@@ -245,7 +245,13 @@ def run_scan(config: Config, args: argparse.Namespace) -> int:
             with conn.transaction():
                 plan = _read_plan(config, conn)
                 targets = [
-                    scan.Target(tp.table.qualified, tp.table.schema, tp.table.name, _kept(tp))
+                    scan.Target(
+                        tp.table.qualified,
+                        tp.table.schema,
+                        tp.table.name,
+                        _kept(tp),
+                        only=tp.table.relkind == "r",
+                    )
                     for tp in plan.tables
                     if not tp.structure_only
                 ]

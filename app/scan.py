@@ -464,6 +464,7 @@ class Target:
     schema: str
     table: str
     columns: list[Column]
+    only: bool = True  # not a partitioned table: its own rows (a partitioned one has none)
 
 
 def scannable(catalog: Catalog, column: Column) -> bool:
@@ -495,11 +496,12 @@ def scan_tables(
         if not columns:
             continue
         scans = [ColumnScan(target.label, c.name, _text_column(catalog, c)) for c in columns]
-        query = sql.SQL("SELECT {} FROM ONLY {} LIMIT {}").format(
+        query = sql.SQL("SELECT {} FROM {}{} LIMIT {}").format(
             sql.SQL(", ").join(
                 sql.SQL("left({}::text, {})").format(sql.Identifier(c.name), MAX_VALUE)
                 for c in columns
             ),
+            sql.SQL("ONLY " if target.only else ""),
             sql.Identifier(target.schema, target.table),
             sql.Literal(rows),
         )

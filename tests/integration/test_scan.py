@@ -240,3 +240,25 @@ def test_reviewed_jobserver_allow_list_passes_scan_end_to_end(
         assert tables == [(jobserver.TABLE_COUNT,)]
     finally:
         server.drop_database(target.rsplit("/", 1)[1])
+
+
+@pytest.mark.one_major
+def test_scan_reads_a_partitioned_table_through_its_partitions(
+    people: Source, tmp_path: Path
+) -> None:
+    with psycopg.connect(people.url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.events (id int, email text) PARTITION BY RANGE (id);"
+            "CREATE TABLE public.events_1 PARTITION OF public.events FOR VALUES FROM (0) TO (100);"
+            "INSERT INTO public.events SELECT i, 'e' || i || '@mailbox.co.uk'"
+            " FROM generate_series(1, 5) i"
+        )
+    try:
+        env = people.env(tmp_path, {"events": ["id", "email"]})
+        result = jobrun.run(env, "scan", "--format", "json")
+    finally:
+        with psycopg.connect(people.url, autocommit=True) as conn:
+            conn.execute("DROP TABLE public.events")
+    assert result.returncode == 3, result.stderr
+    (finding,) = json.loads(result.stdout)["findings"]
+    assert (finding["table"], finding["column"], finding["count"]) == ("public.events", "email", 5)
