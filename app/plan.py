@@ -329,7 +329,7 @@ def _set_expression(
     if table.is_unique(column) and not value.numbered:
         raise _Problems(
             [
-                f"{where} is unique, so one value for every row ({json_text(value)}) would "
+                f"{where} is unique, so one value for every row ({_json_text(value)}) would "
                 f"break it: put {SET_ROW_NUMBER} in the value for the row's number, or let it "
                 "be faked"
             ]
@@ -340,7 +340,7 @@ def _set_expression(
     return sql.SQL("CAST({} AS {})").format(text, as_sql(column.type_sql))
 
 
-def json_text(value: SetValue) -> str:
+def _json_text(value: SetValue) -> str:
     return json.dumps(value.raw, ensure_ascii=False)
 
 
@@ -437,7 +437,7 @@ def _fails(
             conn.execute(query)
     except psycopg.Error as exc:
         message = exc.diag.message_primary or str(exc)
-        problems.append(f"{where}: {json_text(value)} does not fit ({message})")
+        problems.append(f"{where}: {_json_text(value)} does not fit ({message})")
         return True
     return False
 
