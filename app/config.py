@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -16,6 +16,7 @@ from app.errors import ConfigError
 DEFAULT_ALLOW_LIST = Path(__file__).resolve().parent.parent / "allow_list.json"
 _DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)?$")
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)(i?[bB])?$")
+MIN_KEY_BYTES = 16
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 EMBEDDED = "embedded"
 
@@ -36,6 +37,9 @@ class Config:
     connect_attempts: int
     connect_wait: float
     application_name: str
+    scan: str = "warn"
+    scan_rows: int = 1000
+    pseudonym_key: str | None = field(default=None, repr=False)
     scratch_database_url: str | None = None  # None: scratch schema on the source
     pg_bindir: str | None = None  # where initdb and postgres are, for the embedded server
 
@@ -62,6 +66,9 @@ class Config:
             "lock_timeout": self.lock_timeout,
             "max_scratch_bytes": self.max_scratch_bytes,
             "connect_attempts": self.connect_attempts,
+            "scan": self.scan,
+            "scan_rows": self.scan_rows,
+            "pseudonym_key_set": self.pseudonym_key is not None,
             "mode": self.mode,
         }
 
@@ -112,6 +119,17 @@ def load(env: Mapping[str, str] | None = None) -> Config:
                 "SCRATCH_DATABASE_URL is neither 'embedded' nor a libpq URI or conninfo string"
             ) from None
 
+    scan = get("SCAN", "warn").lower()
+    if scan not in ("warn", "fail", "off"):
+        raise ConfigError(f"SCAN must be 'warn', 'fail' or 'off', not {scan!r}")
+
+    pseudonym_key = env.get("PSEUDONYM_KEY") or None
+    if pseudonym_key is not None and len(pseudonym_key.encode()) < MIN_KEY_BYTES:
+        raise ConfigError(
+            f"PSEUDONYM_KEY must be at least {MIN_KEY_BYTES} bytes (a long random secret, "
+            "e.g. from `openssl rand -hex 32`); the one set is shorter"
+        )
+
     return Config(
         database_url=env.get("DATABASE_URL") or None,
         allow_list=Path(get("ALLOW_LIST", str(DEFAULT_ALLOW_LIST))),
@@ -127,6 +145,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         connect_attempts=_number(env, "CONNECT_ATTEMPTS", 5, int),
         connect_wait=_number(env, "CONNECT_WAIT", 2.0, float),
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
+        scan=scan,
+        scan_rows=_number(env, "SCAN_ROWS", 1000, int),
+        pseudonym_key=pseudonym_key,
         scratch_database_url=scratch_url,
         pg_bindir=env.get("PG_BINDIR", "").strip() or None,
     )

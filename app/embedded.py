@@ -24,7 +24,7 @@ from app.config import Config
 from app.errors import ConfigError, DatabaseError, LockHeld
 from app.log import log
 from app.plan import Plan
-from app.scratch import DumpSource
+from app.scratch import DumpSource, Inspect
 from app.scratchdb import ScratchDatabase
 from app.scrub import TableResult
 
@@ -95,10 +95,14 @@ class EmbeddedScratch:
         self.database.prepare()
 
     def build(
-        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+        self,
+        source: psycopg.Connection[Any],
+        plan: Plan,
+        allow_list_sha256: str,
+        inspect: Inspect,
     ) -> list[TableResult]:
         assert self.database is not None
-        return self.database.build(source, plan, allow_list_sha256)
+        return self.database.build(source, plan, allow_list_sha256, inspect)
 
     def reset(self) -> None:
         if self.database is not None:

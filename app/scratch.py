@@ -10,6 +10,7 @@ copy, tells pg_dump what to dump, and removes the copy when the run ends, howeve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ from app import manifest as mf
 from app.config import Config
 from app.errors import DatabaseError, JobError
 from app.log import log
-from app.plan import Plan
+from app.plan import Plan, TablePlan
 from app.scrub import ScratchSchema, TableResult, drop_leftover
 
 
@@ -32,6 +33,13 @@ class DumpSource:
 
     url: str | None
     schema: str | None
+
+
+# Where a copied table sits in the scratch: (schema, name).
+Located = Callable[[TablePlan], tuple[str, str]]
+# Called with the finished copy before it is committed: the connection that holds it, and
+# where each table sits there (the run scans the kept columns with it).
+Inspect = Callable[[psycopg.Connection[Any], Located], None]
 
 
 class Scratch(Protocol):
@@ -47,10 +55,14 @@ class Scratch(Protocol):
         ...
 
     def build(
-        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+        self,
+        source: psycopg.Connection[Any],
+        plan: Plan,
+        allow_list_sha256: str,
+        inspect: Inspect,
     ) -> list[TableResult]:
-        """Make the copy from the snapshot open on `source`, with its manifest, and commit
-        it for pg_dump."""
+        """Make the copy from the snapshot open on `source`, let `inspect` see it, add the
+        manifest, and commit it for pg_dump."""
         ...
 
     def reset(self) -> None:
@@ -108,10 +120,15 @@ class SchemaOnSource:
         drop_leftover(self.lock_conn, self.config.scratch_schema)
 
     def build(
-        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+        self,
+        source: psycopg.Connection[Any],
+        plan: Plan,
+        allow_list_sha256: str,
+        inspect: Inspect,
     ) -> list[TableResult]:
         self.work = source
-        results = ScratchSchema(source, plan).build()
+        results = ScratchSchema(source, plan, self.config.pseudonym_key).build()
+        inspect(source, lambda tp: (plan.scratch_schema, tp.scratch_name))
         location = mf.in_scratch(self.config.scratch_schema)
         contents = mf.collect(
             plan,

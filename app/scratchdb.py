@@ -25,7 +25,7 @@ from app.config import Config
 from app.errors import ConfigError, JobError
 from app.log import log
 from app.plan import Plan, TablePlan
-from app.scratch import DumpSource
+from app.scratch import DumpSource, Inspect
 from app.scrub import TableResult, table_copied
 
 MARKER = "sanitised-dump scratch database: emptied at every run, safe to empty"
@@ -136,7 +136,11 @@ class ScratchDatabase:
         log.info("scratch database ready", extra={"database": here["datname"]})
 
     def build(
-        self, source: psycopg.Connection[Any], plan: Plan, allow_list_sha256: str
+        self,
+        source: psycopg.Connection[Any],
+        plan: Plan,
+        allow_list_sha256: str,
+        inspect: Inspect,
     ) -> list[TableResult]:
         """Everything in one transaction on the scratch side: a failure leaves it empty.
         The manifest goes into a schema of its own, as no table was renamed."""
@@ -179,6 +183,7 @@ class ScratchDatabase:
                 if fk.kept:
                     with ddl.explained(tp.table, "adding foreign keys to"):
                         conn.execute(ddl.foreign_key(plan, tp, fk, place))
+        inspect(conn, place.table)
         contents = mf.collect(
             plan,
             results,
@@ -231,6 +236,8 @@ class ScratchDatabase:
     ) -> TableResult:
         """Stream the source's sanitised rows into the scratch table, block by block."""
         started = time.monotonic()
+        if tp.structure_only:
+            return table_copied(tp, 0, started)
         copy_out = sql.SQL("COPY ({}) TO STDOUT").format(ddl.select_rows(tp))
         copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(
             ddl.table_ident(place, tp), ddl.column_list(tp)
