@@ -306,6 +306,47 @@ def test_jobserver_dump_restores_under_the_original_names(source: Source) -> Non
     assert jobrun.rows(target, FK_QUERY)[0][0] == source_fks - len(left_out) >= 100
 
 
+@pytest.mark.one_major
+def test_set_values_and_structure_only_tables_in_a_scratch_database(
+    source: Source, tmp_path: Path
+) -> None:
+    allow = tmp_path / "allow.json"
+    allow.write_text(
+        json.dumps(
+            {
+                "orgs": {
+                    "keep": ["id", "name", "slug", "seats", "created_at"],
+                    "set": {"website": "https://example.invalid/{n}"},
+                },
+                "api_sessions": {"rows": "none"},
+            }
+        ),
+        encoding="utf-8",
+    )
+    storage = source.storage("set")
+    scratch = source.primary(source.create_database("scratch"))
+    result = jobrun.run(job_env(source, storage, "demo", scratch, ALLOW_LIST=str(allow)), "dump")
+    assert result.returncode == 0, result.stderr
+    target = source.primary(source.create_database("restored"))
+    restored = jobrun.restore(source.bindir, storage / "sanitised.dump", target)
+    assert restored.returncode == 0, restored.stderr
+    websites = jobrun.rows(
+        target, "SELECT DISTINCT left(website, 24) FROM orgs WHERE website IS NOT NULL"
+    )
+    assert websites == [("https://example.invalid/",)]
+    assert jobrun.rows(target, "SELECT count(*) FROM api_sessions") == [(0,)]
+    assert "canary" not in jobrun.restore_script(source.bindir, storage / "sanitised.dump")
+
+    allow.write_text(json.dumps({"users": {"keep": ["id"], "pseudonymise": ["email"]}}))
+    refused = jobrun.run(
+        job_env(source, storage, "demo", scratch, ALLOW_LIST=str(allow), PSEUDONYM_KEY="k" * 32),
+        "dump",
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "pseudonymises columns" in refused.logs[-1]["message"]
+    assert jobrun.rows(scratch, USER_RELATIONS) == [(0,)]
+
+
 # -- what the job refuses ---------------------------------------------------------------
 
 
