@@ -290,6 +290,7 @@ def run_restore(config: Config, args: argparse.Namespace) -> int:
 
 def run_dump(config: Config, args: argparse.Namespace) -> int:
     started = time.monotonic()
+    logging_setup.stamp(mode=config.mode)
     allow = allowlist.load(config.allow_list)
     publish.check_storage(config.storage_dir)
     _install_signal_handlers()
