@@ -174,8 +174,8 @@ def _dump(
     try:
         copy_started = time.monotonic()
         results = scratch.build()
+        committed = True  # from here on the schema may exist for others: drop it
         work.commit()
-        committed = True
         copy_seconds = time.monotonic() - copy_started
         temp = publish.create_temp(config.storage_dir, config.dump_name)
         dump_seconds = dump.run(
@@ -196,7 +196,11 @@ def _dump(
     finally:
         _drop_scratch(config, work, lock_conn, committed)
 
-    published = publish.publish(temp, config.dump_path)
+    try:
+        published = publish.publish(temp, config.dump_path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a failed or interrupted publish leaves no temp file
+        raise
     log.info(
         "published",
         extra={"path": str(published.path), "size": published.size, "sha256": published.sha256},
