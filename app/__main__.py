@@ -55,11 +55,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         return exc.exit_code
     except psycopg.Error as exc:
-        log.error(f"database error: {exc}", extra={"exit_code": DatabaseError.exit_code})
+        log.error(_database_message(exc, config), extra={"exit_code": DatabaseError.exit_code})
         return DatabaseError.exit_code
     except Exception:
         log.exception("unexpected error", extra={"exit_code": 1})
         return 1
+
+
+def _database_message(exc: psycopg.Error, config: Config) -> str:
+    """The server's message, and what to do about the failures an operator can fix."""
+    message = f"database error: {exc}"
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        message += (
+            f" (a lock was not granted within LOCK_TIMEOUT={config.lock_timeout}: another "
+            "session holds a conflicting lock on a listed table; run again when it is done, "
+            "or raise LOCK_TIMEOUT)"
+        )
+    elif isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in str(exc):
+        message += " (statement_timeout of the role or database: raise it for the job's role)"
+    return message
 
 
 def _parser() -> argparse.ArgumentParser:
