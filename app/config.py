@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from app.errors import ConfigError
 
 DEFAULT_ALLOW_LIST = Path(__file__).resolve().parent.parent / "allow_list.json"
@@ -87,7 +90,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"LOCK_TIMEOUT must be a duration like 5s or 500ms, not {lock_timeout!r}")
 
     return Config(
-        database_url=env.get("DATABASE_URL") or None,
+        database_url=_database_url(env),
         allow_list=Path(get("ALLOW_LIST", str(DEFAULT_ALLOW_LIST))),
         storage_dir=Path(get("STORAGE_DIR", "/storage")),
         dump_name=dump_name,
@@ -101,6 +104,23 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         connect_wait=_number(env, "CONNECT_WAIT", 2.0, float),
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
     )
+
+
+def _database_url(env: Mapping[str, str]) -> str | None:
+    """Parsed once here, so that a malformed one is a configuration error (exit 2) whose
+    message quotes none of it: libpq's parse errors quote the offending token, which may be
+    the password."""
+    url = env.get("DATABASE_URL") or None
+    if url is not None:
+        try:
+            conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            problem = re.sub(r'"[^"]*"', '"..."', str(exc).strip().splitlines()[0])
+            raise ConfigError(
+                f"DATABASE_URL is not a libpq URI or conninfo string ({problem}); "
+                "its text is not shown because it may hold the password"
+            ) from None
+    return url
 
 
 def _size(env: Mapping[str, str], name: str) -> int | None:
