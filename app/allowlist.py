@@ -64,6 +64,8 @@ def load(path: Path) -> AllowList:
             f"allow list {path} is not valid JSON: {exc.msg} "
             f"at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"allow list {path} is nested too deeply to be an allow list") from None
     entries = parse(document, path)
     return AllowList(path=path, entries=entries, sha256=hashlib.sha256(raw).hexdigest())
 
@@ -81,7 +83,7 @@ def parse(document: Any, path: Path | str = "allow list") -> tuple[TableEntry, .
     for key, value in document.items():
         where = f"allow list {path}, entry {key!r}"
         schema, table = split_key(key)
-        if not schema or not table or "\x00" in key:
+        if not schema or not table or not _is_name(key):
             raise ConfigError(f'{where}: not a table name (use "table" or "schema.table")')
         if (schema, table) in seen:
             raise ConfigError(f"{where}: names the same table as entry {seen[schema, table]!r}")
@@ -94,13 +96,25 @@ def parse(document: Any, path: Path | str = "allow list") -> tuple[TableEntry, .
         for column in value:
             if not isinstance(column, str):
                 raise ConfigError(f"{where}: column {column!r} is {_kind(column)}, not a string")
-            if not column or "\x00" in column:
+            if not column or not _is_name(column):
                 raise ConfigError(f"{where}: column {column!r} is not a column name")
             if column in columns:
                 raise ConfigError(f"{where}: column {column!r} is listed twice")
             columns.append(column)
         entries.append(TableEntry(key=key, schema=schema, table=table, keep=tuple(columns)))
     return tuple(entries)
+
+
+def _is_name(text: str) -> bool:
+    """No NUL, and UTF-8 (JSON's \\ud800 escapes decode to lone surrogates, which no
+    database name can hold and which psycopg cannot even send)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _DuplicateKey(ValueError):
