@@ -1,9 +1,11 @@
-"""`python -m app [dump|check|plan]`: wires the stages and turns errors into exit codes."""
+"""`python -m app [dump|check|plan|inspect|restore]`: wires the stages and turns errors into
+exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -17,16 +19,18 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from app import __version__, allowlist, catalog, db, dump, publish, report
+from app import __version__, allowlist, archive, catalog, db, dump, publish, report
 from app import config as configuration
 from app import log as logging_setup
+from app import manifest as mf
+from app import restore as restoring
 from app.config import Config
-from app.errors import AllowListMismatch, DatabaseError, Interrupted, JobError
+from app.errors import AllowListMismatch, ConfigError, DatabaseError, Interrupted, JobError
 from app.log import log
 from app.plan import Plan, build
 from app.scrub import ScratchSchema, drop_leftover
 
-COMMANDS = ("dump", "check", "plan")
+COMMANDS = ("dump", "check", "plan", "inspect", "restore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         logging_setup.setup()
         log.error(str(exc), extra={"exit_code": exc.exit_code})
         return exc.exit_code
-    logging_setup.setup(config.log_format, config.log_level, _secrets(config))
+    logging_setup.setup(config.log_format, config.log_level, _secrets(config, args))
     command: Callable[[Config, argparse.Namespace], int] = {
         "dump": run_dump,
         "check": run_check,
         "plan": run_plan,
+        "inspect": run_inspect,
+        "restore": run_restore,
     }[args.command or "dump"]
     try:
         return command(config, args)
@@ -50,30 +56,32 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except Interrupted as exc:
         log.error(
-            "interrupted: scratch schema dropped, nothing published",
+            "interrupted: scratch schema dropped, nothing published"
+            if args.command in (None, "dump")
+            else "interrupted",
             extra={"exit_code": exc.exit_code, "signal": exc.signum},
         )
         return exc.exit_code
+    except psycopg.errors.LockNotAvailable:
+        log.error(
+            f"waited longer than LOCK_TIMEOUT={config.lock_timeout} for a table lock (a "
+            "migration may be running): run again later or raise LOCK_TIMEOUT",
+            extra={"exit_code": DatabaseError.exit_code},
+        )
+        return DatabaseError.exit_code
+    except psycopg.errors.QueryCanceled as exc:
+        log.error(
+            f"a statement was cancelled ({exc.diag.message_primary}): the server's "
+            "statement_timeout is too short for the copy, or an operator cancelled it",
+            extra={"exit_code": DatabaseError.exit_code},
+        )
+        return DatabaseError.exit_code
     except psycopg.Error as exc:
-        log.error(_database_message(exc, config), extra={"exit_code": DatabaseError.exit_code})
+        log.error(f"database error: {exc}", extra={"exit_code": DatabaseError.exit_code})
         return DatabaseError.exit_code
     except Exception:
         log.exception("unexpected error", extra={"exit_code": 1})
         return 1
-
-
-def _database_message(exc: psycopg.Error, config: Config) -> str:
-    """The server's message, and what to do about the failures an operator can fix."""
-    message = f"database error: {exc}"
-    if isinstance(exc, psycopg.errors.LockNotAvailable):
-        message += (
-            f" (a lock was not granted within LOCK_TIMEOUT={config.lock_timeout}: another "
-            "session holds a conflicting lock on a listed table; run again when it is done, "
-            "or raise LOCK_TIMEOUT)"
-        )
-    elif isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in str(exc):
-        message += " (statement_timeout of the role or database: raise it for the job's role)"
-    return message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,15 +104,67 @@ def _parser() -> argparse.ArgumentParser:
     ):
         command = sub.add_parser(name, help=text, description=text)
         command.add_argument("--format", choices=("text", "json"), default="text")
+    text = "print the manifest inside a dump (no database needed)"
+    inspect = sub.add_parser(
+        "inspect",
+        help=text,
+        description=f"{text}: when it was made, from which server, with which allow list, "
+        "and per table its rows, kept columns and the fake of every other column.",
+    )
+    inspect.add_argument("dump", nargs="?", type=Path, help="default: $STORAGE_DIR/$DUMP_NAME")
+    inspect.add_argument("--format", choices=("text", "json"), default="text")
+    text = "restore a dump into a developer's database under the original names"
+    restore = sub.add_parser(
+        "restore",
+        help=text,
+        description=f"{text}: pg_restore, then every table, sequence and type moves from "
+        "the scratch schema back to its original schema and name. Refuses a target that is "
+        "not empty (unless --clean) and the database the dump was made from.",
+    )
+    restore.add_argument("--dump", type=Path, help="default: $STORAGE_DIR/$DUMP_NAME")
+    restore.add_argument(
+        "--target",
+        metavar="URL",
+        help="libpq URI or conninfo of the database to restore into (default: "
+        "$TARGET_DATABASE_URL); keep the password in PGPASSWORD or ~/.pgpass",
+    )
+    restore.add_argument(
+        "--clean",
+        action="store_true",
+        help="drop the tables, sequences and types the dump brings (under their original "
+        "names, with what depends on them) before restoring",
+    )
+    restore.add_argument(
+        "--jobs",
+        type=_positive,
+        metavar="N",
+        help=f"parallel pg_restore jobs (default: 1 below "
+        f"{restoring.PARALLEL_FROM_BYTES // 2**20} MiB, else up to {restoring.MAX_JOBS})",
+    )
     return parser
 
 
-def _secrets(config: Config) -> list[str]:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _secrets(config: Config, args: argparse.Namespace) -> list[str]:
     secrets = [os.environ.get("PGPASSWORD", "")]
-    if config.database_url:
+    urls = [config.database_url, getattr(args, "target", None), _target_from_env()]
+    for url in filter(None, urls):
         with contextlib.suppress(psycopg.ProgrammingError):
-            secrets.append(str(conninfo_to_dict(config.database_url).get("password") or ""))
+            secrets.append(str(conninfo_to_dict(url).get("password") or ""))
     return [s for s in secrets if s]
+
+
+def _target_from_env() -> str | None:
+    return os.environ.get("TARGET_DATABASE_URL", "").strip() or None
 
 
 def _read_plan(config: Config, conn: psycopg.Connection[Any]) -> Plan:
@@ -128,6 +188,25 @@ def run_plan(config: Config, args: argparse.Namespace) -> int:
         result = report.plan_report(plan, conn)
     print(report.render(result, args.format, "plan"))
     return 0
+
+
+def run_inspect(config: Config, args: argparse.Namespace) -> int:
+    path: Path = args.dump or config.dump_path
+    header = archive.read_header(path)
+    pg_restore = archive.find(config.pg_restore, header)
+    manifest, _ = mf.read(pg_restore, path)
+    result = mf.report(path, header, manifest)
+    print(json.dumps(result, indent=2) if args.format == "json" else mf.text(result))
+    return 0
+
+
+def run_restore(config: Config, args: argparse.Namespace) -> int:
+    target = args.target or _target_from_env()
+    if not target:
+        raise ConfigError("restore needs --target URL (or TARGET_DATABASE_URL)")
+    _install_signal_handlers()
+    options = restoring.Options(args.dump or config.dump_path, target, args.clean, args.jobs)
+    return restoring.run(config, options)
 
 
 def run_dump(config: Config, args: argparse.Namespace) -> int:
@@ -188,6 +267,16 @@ def _dump(
     try:
         copy_started = time.monotonic()
         results = scratch.build()
+        location = mf.in_scratch(config.scratch_schema)
+        contents = mf.collect(
+            plan,
+            results,
+            location,
+            source=work,
+            scratch_schema=config.scratch_schema,
+            allow_list_sha256=allow.sha256,
+        )
+        mf.write(work, location, contents)
         committed = True  # from here on the schema may exist for others: drop it
         work.commit()
         copy_seconds = time.monotonic() - copy_started

@@ -29,6 +29,7 @@ class Config:
     log_format: str
     log_level: str
     pg_dump: str
+    pg_restore: str
     lock_timeout: str
     max_scratch_bytes: int | None
     connect_attempts: int
@@ -98,6 +99,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         log_format=log_format,
         log_level=log_level,
         pg_dump=get("PG_DUMP", "pg_dump"),
+        pg_restore=get("PG_RESTORE", "pg_restore"),
         lock_timeout=lock_timeout,
         max_scratch_bytes=_size(env, "MAX_SCRATCH_BYTES"),
         connect_attempts=_number(env, "CONNECT_ATTEMPTS", 5, int),

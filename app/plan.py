@@ -19,6 +19,8 @@ from app.errors import AllowListMismatch
 from app.fakes import Target, Unfakeable, fake
 
 ROW_NUMBER = "n"
+# The manifest's table in the scratch schema: no copied table, index or sequence may take it.
+MANIFEST_TABLE = "sanitised_dump_manifest"
 _SIMPLE_NEXTVAL = re.compile(r"^nextval\('(?:[^']|'')+'::regclass\)$")
 _MAX_IDENTIFIER = 63
 
@@ -51,6 +53,9 @@ class TablePlan:
     order_by: tuple[str, ...]
     row_number: str
     foreign_keys: list[ForeignKey] = field(default_factory=list)
+    # source index (or constraint) name -> its name in the scratch schema, as the copy
+    # built it; the manifest carries it so that restore can name each index back.
+    index_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def kept(self) -> list[str]:
@@ -110,10 +115,10 @@ class _Problems(Exception):
 
 
 class Namer:
-    """Names unique within the scratch schema, at most 63 bytes."""
+    """Names unique within the scratch schema, at most 63 bytes; the manifest's is reserved."""
 
     def __init__(self) -> None:
-        self.used: set[str] = set()
+        self.used: set[str] = {MANIFEST_TABLE}
 
     def take(self, wanted: str) -> str:
         name = wanted
@@ -182,7 +187,9 @@ def _name_clashes(catalog: Catalog) -> list[str]:
     for qualified, name in [(t.qualified, t.name) for t in catalog.copied_types] + [
         (f"{s.schema}.{s.name}", s.name) for s in shared
     ]:
-        if name in seen and seen[name] != qualified:
+        if name == MANIFEST_TABLE:
+            problems.append(f"{qualified} has the name {name!r}, which the dump's manifest takes")
+        elif name in seen and seen[name] != qualified:
             problems.append(f"{seen[name]} and {qualified} share the name {name!r} in the copy")
         seen[name] = qualified
     return problems

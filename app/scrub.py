@@ -8,19 +8,16 @@ ever visible. It is committed only so that pg_dump can see it, and dropped after
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import errors as pgerrors
 from psycopg import sql
 
-from app.catalog import Column, Constraint, SequenceInfo, Table, TypeInfo, as_sql
-from app.errors import AllowListMismatch, ConfigError, DatabaseError
+from app import ddl
+from app.errors import AllowListMismatch, ConfigError
 from app.log import log
-from app.plan import Plan, TablePlan, simple_nextval
+from app.plan import Plan, TablePlan
 
 MARKER = "sanitised-dump scratch schema: dropped after every run, safe to drop"
 
@@ -49,9 +46,6 @@ WHERE r.schema IS NOT NULL AND r.schema NOT IN ('pg_catalog', 'information_schem
 ORDER BY 1, 2
 """
 
-_ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
-_MATCH = {"f": "MATCH FULL", "p": "MATCH PARTIAL", "s": ""}
-
 
 @dataclass(frozen=True)
 class TableResult:
@@ -70,9 +64,7 @@ class ScratchSchema:
         self.conn = conn
         self.plan = plan
         self.schema = plan.scratch_schema
-
-    def ident(self, *name: str) -> sql.Identifier:
-        return sql.Identifier(self.schema, *name)
+        self.place = ddl.InScratchSchema(plan)
 
     def build(self) -> list[TableResult]:
         """Create, fill and index every table; the caller commits."""
@@ -84,24 +76,26 @@ class ScratchSchema:
                 sql.Identifier(self.schema), sql.Literal(MARKER)
             )
         )
-        path = [self.schema] + [schema for _, schema in catalog.extensions] + ["pg_catalog"]
         conn.execute(
-            "SELECT set_config('search_path', %s, true)",
-            [", ".join(sql.Identifier(p).as_string(conn) for p in dict.fromkeys(path))],
+            "SELECT set_config('search_path', %s, true)", [self.place.search_path(catalog)]
         )
-        for info in _in_dependency_order(catalog.copied_types):
-            self._create_type(info)
+        for statement in ddl.create_types(catalog, self.place):
+            conn.execute(statement)
         self._create_shared_sequences()
         for tp in self.plan.tables:
-            self._create_table(tp)
+            for statement in ddl.create_table(tp, self.place):
+                conn.execute(statement)
         self._check_self_contained()
         results = [self._copy(tp) for tp in self.plan.tables]
         for tp in self.plan.tables:
-            self._index(tp)
+            with ddl.explained(tp.table, "indexing"):
+                for statement in ddl.index(tp, self.place):
+                    conn.execute(statement)
         for tp in self.plan.tables:
             for fk in tp.foreign_keys:
                 if fk.kept:
-                    self._add_foreign_key(tp, fk.constraint)
+                    with ddl.explained(tp.table, "adding foreign keys to"):
+                        conn.execute(ddl.foreign_key(self.plan, tp, fk, self.place))
                 else:
                     log.warning(
                         "foreign key left out",
@@ -114,36 +108,10 @@ class ScratchSchema:
             sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema))
         )
 
-    # -- types and sequences -------------------------------------------------------------
-
-    def _create_type(self, info: TypeInfo) -> None:
-        name = self.ident(info.name)
-        if info.kind == "e":
-            labels = sql.SQL(", ").join(sql.Literal(label) for label in info.labels)
-            self.conn.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(name, labels))
-            return
-        parts: list[sql.Composable] = [
-            sql.SQL("CREATE DOMAIN {} AS {}").format(name, as_sql(info.base_sql))
-        ]
-        if info.collation:
-            parts.append(sql.SQL("COLLATE {}").format(as_sql(info.collation)))
-        if info.default_sql is not None:
-            parts.append(sql.SQL("DEFAULT {}").format(as_sql(info.default_sql)))
-        if info.not_null:
-            parts.append(sql.SQL("NOT NULL"))
-        for con_name, definition in info.checks:
-            parts.append(
-                sql.SQL("CONSTRAINT {} {}").format(sql.Identifier(con_name), as_sql(definition))
-            )
-        self.conn.execute(sql.SQL(" ").join(parts))
-
     def _create_shared_sequences(self) -> None:
-        """Sequences a default uses without owning (serials get their own, by table)."""
-        for seq in self.plan.catalog.sequences:
-            if seq.owner is not None:
-                continue
-            self.plan.names.used.add(seq.name)
-            self.conn.execute(_create_sequence(self.ident(seq.name), seq))
+        """Sequences a default uses without owning, at the source's current value."""
+        for seq, name, statement in ddl.shared_sequences(self.plan.catalog, self.place):
+            self.conn.execute(statement)
             row = self.conn.execute(
                 sql.SQL("SELECT last_value, is_called FROM {}").format(
                     sql.Identifier(seq.schema, seq.name)
@@ -152,55 +120,7 @@ class ScratchSchema:
             assert row is not None
             self.conn.execute(
                 "SELECT setval(%s::regclass, %s, %s)",
-                [self.ident(seq.name).as_string(self.conn), row[0], row[1]],
-            )
-
-    # -- tables ----------------------------------------------------------------------------
-
-    def _create_table(self, tp: TablePlan) -> None:
-        table = self.ident(tp.scratch_name)
-        owned: list[tuple[sql.Identifier, Column]] = []
-        definitions: list[sql.Composable] = []
-        for cp in tp.columns:
-            column = cp.column
-            parts: list[sql.Composable] = [sql.Identifier(column.name), as_sql(column.type_sql)]
-            if column.collation:
-                parts.append(sql.SQL("COLLATE {}").format(as_sql(column.collation)))
-            if column.generated:
-                kind = "STORED" if column.generated == "s" else "VIRTUAL"
-                parts.append(
-                    sql.SQL("GENERATED ALWAYS AS ({}) {}").format(
-                        as_sql(column.default_sql or ""), sql.SQL(kind)
-                    )
-                )
-            elif column.identity:
-                always = "ALWAYS" if column.identity == "a" else "BY DEFAULT"
-                parts.append(sql.SQL("GENERATED {} AS IDENTITY").format(sql.SQL(always)))
-            elif column.sequence and column.sequence.owner and simple_nextval(column.default_sql):
-                seq = self.ident(self.plan.names.take(f"{tp.scratch_name}_{column.name}_seq"))
-                self.conn.execute(_create_sequence(seq, column.sequence))
-                owned.append((seq, column))
-                parts.append(
-                    sql.SQL("DEFAULT nextval({}::regclass)").format(
-                        sql.Literal(seq.as_string(self.conn))
-                    )
-                )
-            elif column.default_sql is not None:
-                parts.append(sql.SQL("DEFAULT {}").format(as_sql(column.default_sql)))
-            if column.not_null:
-                parts.append(sql.SQL("NOT NULL"))
-            definitions.append(sql.SQL(" ").join(parts))
-        for con in tp.table.constraints:
-            if con.kind == "c" and con.validated:
-                definitions.append(_constraint(con))
-        self.conn.execute(
-            sql.SQL("CREATE TABLE {} ({})").format(table, sql.SQL(", ").join(definitions))
-        )
-        for seq, column in owned:
-            self.conn.execute(
-                sql.SQL("ALTER SEQUENCE {} OWNED BY {}").format(
-                    seq, self.ident(tp.scratch_name, column.name)
-                )
+                [name.as_string(self.conn), row[0], row[1]],
             )
 
     def _check_self_contained(self) -> None:
@@ -216,164 +136,34 @@ class ScratchSchema:
 
     def _copy(self, tp: TablePlan) -> TableResult:
         started = time.monotonic()
-        inserted = [c for c in tp.columns if c.expression is not None]
-        source = sql.Identifier(tp.table.schema, tp.table.name)
-        only = sql.SQL("ONLY ") if tp.table.relkind == "r" else sql.SQL("")
-        needed = sql.SQL(", ").join(sql.Identifier(c.column.name) for c in inserted)
-        if tp.needs_row_number:
-            order = (
-                sql.SQL("ORDER BY {}").format(
-                    sql.SQL(", ").join(sql.Identifier(c) for c in tp.order_by)
-                )
-                if tp.order_by
-                else sql.SQL("")
-            )
-            needed = sql.SQL("{}, row_number() OVER ({}) AS {}").format(
-                needed, order, sql.Identifier(tp.row_number)
-            )
-        overriding = (
-            sql.SQL(" OVERRIDING SYSTEM VALUE")
-            if any(c.column.identity == "a" for c in inserted)
-            else sql.SQL("")
-        )
-        statement = sql.SQL(
-            "INSERT INTO {target} ({columns}){overriding} SELECT {values} "
-            "FROM (SELECT {needed} FROM {only}{source}) AS s"
-        ).format(
-            target=self.ident(tp.scratch_name),
-            columns=sql.SQL(", ").join(sql.Identifier(c.column.name) for c in inserted),
-            overriding=overriding,
-            values=sql.SQL(", ").join(c.expression for c in inserted if c.expression),
-            needed=needed,
-            only=only,
-            source=source,
-        )
-        with self._explained(tp.table, "copying"):
-            rows = self.conn.execute(statement).rowcount
-            self._continue_sequences(tp)
-        result = TableResult(
-            table=tp.table.qualified,
-            scratch_name=tp.scratch_name,
-            rows=rows,
-            kept=tp.kept,
-            faked=tp.faked,
-            seconds=round(time.monotonic() - started, 3),
-        )
-        log.info(
-            "table copied",
-            extra={
-                "table": result.table,
-                "rows": result.rows,
-                "kept": result.kept,
-                "faked": result.faked,
-                "seconds": result.seconds,
-            },
-        )
-        return result
+        with ddl.explained(tp.table, "copying"):
+            rows = self.conn.execute(ddl.insert_rows(tp, self.place)).rowcount
+            for statement, params in ddl.continue_sequences(tp, self.place):
+                self.conn.execute(statement, params)
+        return table_copied(tp, rows, started)
 
-    def _continue_sequences(self, tp: TablePlan) -> None:
-        """Serial and identity sequences continue after the largest copied value."""
-        name = self.ident(tp.scratch_name).as_string(self.conn)
-        for cp in tp.columns:
-            column = cp.column
-            if not (column.identity or (column.sequence and column.sequence.owner)):
-                continue
-            self.conn.execute(
-                sql.SQL(
-                    "SELECT setval(pg_get_serial_sequence(%s, %s), max({col})) FROM {table} "
-                    "HAVING max({col}) IS NOT NULL"
-                ).format(col=sql.Identifier(column.name), table=self.ident(tp.scratch_name)),
-                [name, column.name],
-            )
 
-    def _index(self, tp: TablePlan) -> None:
-        """Primary keys, unique constraints and indexes, built after the load."""
-        table = self.ident(tp.scratch_name)
-        with self._explained(tp.table, "indexing"):
-            for con in tp.table.constraints:
-                if con.kind in "pux":
-                    name = self.plan.names.take(con.name)
-                    self.conn.execute(
-                        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-                            table, sql.Identifier(name), as_sql(con.definition)
-                        )
-                    )
-                elif con.kind == "c" and not con.validated:
-                    self.conn.execute(
-                        sql.SQL("ALTER TABLE {} ADD {}").format(table, _constraint(con))
-                    )
-            for index in tp.table.indexes:
-                if index.of_constraint:
-                    continue
-                self.conn.execute(
-                    sql.SQL("CREATE {}INDEX {} ON {} {}").format(
-                        sql.SQL("UNIQUE ") if index.unique else sql.SQL(""),
-                        sql.Identifier(self.plan.names.take(index.name)),
-                        table,
-                        as_sql(index.method_sql),
-                    )
-                )
-
-    def _add_foreign_key(self, tp: TablePlan, con: Constraint) -> None:
-        ref = self.plan.scratch_table(con.ref_table)
-        assert ref is not None
-        table = tp.table
-
-        def names(t: Table, attnums: tuple[int, ...]) -> sql.Composable:
-            return sql.SQL(", ").join(sql.Identifier(t.column(a).name) for a in attnums)
-
-        clauses = [
-            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({})").format(
-                self.ident(tp.scratch_name),
-                sql.Identifier(con.name),
-                names(table, con.columns),
-                self.ident(ref.scratch_name),
-                names(ref.table, con.ref_columns),
-            ),
-            sql.SQL(_MATCH[con.match]),
-            sql.SQL("ON UPDATE " + _ACTIONS[con.on_update]),
-            sql.SQL("ON DELETE " + _ACTIONS[con.on_delete]),
-        ]
-        if con.deferrable:
-            clauses.append(
-                sql.SQL("DEFERRABLE INITIALLY DEFERRED" if con.deferred else "DEFERRABLE")
-            )
-        with self._explained(table, "adding foreign keys to"):
-            self.conn.execute(sql.SQL(" ").join(c for c in clauses if c.as_string(None)))
-
-    @contextmanager
-    def _explained(self, table: Table, doing: str) -> Iterator[None]:
-        """Turn a server error about a fake into one that names the table and the fix."""
-        try:
-            yield
-        except (pgerrors.CheckViolation, pgerrors.NotNullViolation) as exc:
-            constraint = exc.diag.constraint_name or "a constraint"
-            raise AllowListMismatch(
-                f"{doing} {table.qualified}: {constraint} rejects a fake value "
-                f"({exc.diag.message_primary}); keep the column it checks in the allow list, "
-                "or leave the table out"
-            ) from None
-        except pgerrors.UniqueViolation as exc:
-            raise AllowListMismatch(
-                f"{doing} {table.qualified}: {exc.diag.constraint_name} is unique but the fakes "
-                f"are not ({exc.diag.message_primary}): the column is too short for that many "
-                "distinct fakes; keep it in the allow list or leave the table out"
-            ) from None
-        except (
-            pgerrors.StringDataRightTruncation,
-            pgerrors.NumericValueOutOfRange,
-            pgerrors.DatetimeFieldOverflow,
-            pgerrors.InvalidTextRepresentation,
-        ) as exc:
-            raise AllowListMismatch(
-                f"{doing} {table.qualified}: a fake does not fit its column "
-                f"({exc.diag.message_primary}); keep the column in the allow list"
-            ) from None
-        except pgerrors.ForeignKeyViolation as exc:
-            raise DatabaseError(
-                f"{doing} {table.qualified}: foreign key {exc.diag.constraint_name} does not hold "
-                f"in the copy ({exc.diag.message_primary})"
-            ) from None
+def table_copied(tp: TablePlan, rows: int, started: float) -> TableResult:
+    """The result of one table's copy, logged."""
+    result = TableResult(
+        table=tp.table.qualified,
+        scratch_name=tp.scratch_name,
+        rows=rows,
+        kept=tp.kept,
+        faked=tp.faked,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    log.info(
+        "table copied",
+        extra={
+            "table": result.table,
+            "rows": result.rows,
+            "kept": result.kept,
+            "faked": result.faked,
+            "seconds": result.seconds,
+        },
+    )
+    return result
 
 
 def drop_leftover(conn: psycopg.Connection[Any], schema: str) -> None:
@@ -395,43 +185,7 @@ def drop_leftover(conn: psycopg.Connection[Any], schema: str) -> None:
     conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
-def _create_sequence(name: sql.Identifier, seq: SequenceInfo) -> sql.Composed:
-    return sql.SQL(
-        "CREATE SEQUENCE {} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} {}"
-    ).format(
-        name,
-        as_sql(seq.type_sql),
-        sql.Literal(seq.increment),
-        sql.Literal(seq.minimum),
-        sql.Literal(seq.maximum),
-        sql.Literal(seq.start),
-        sql.SQL("CYCLE" if seq.cycle else "NO CYCLE"),
-    )
-
-
-def _constraint(con: Constraint) -> sql.Composed:
-    return sql.SQL("CONSTRAINT {} {}").format(sql.Identifier(con.name), as_sql(con.definition))
-
-
 def _namespace_oid(conn: psycopg.Connection[Any], name: str) -> int:
     row = conn.execute("SELECT oid FROM pg_namespace WHERE nspname = %s", [name]).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def _in_dependency_order(types: list[TypeInfo]) -> list[TypeInfo]:
-    """Enums first, then domains after the domains they are built on."""
-    by_oid = {t.oid: t for t in types}
-    done: list[TypeInfo] = []
-
-    def visit(info: TypeInfo) -> None:
-        if info in done:
-            return
-        for oid in (info.base, info.element):
-            if oid in by_oid:
-                visit(by_oid[oid])
-        done.append(info)
-
-    for info in sorted(types, key=lambda t: (t.kind != "e", t.schema, t.name)):
-        visit(info)
-    return done

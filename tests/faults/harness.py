@@ -145,7 +145,13 @@ def copy_running(url: str) -> bool:
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 120) -> jobrun.Result:
-    out, err = process.communicate(timeout=timeout)
+    """Wait for the job to end; a job that hangs is killed and its log shown."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        raise AssertionError(f"the job did not end within {timeout} s:\n{err}") from None
     return jobrun.Result(process.returncode, err, out)
 
 
@@ -196,6 +202,7 @@ class PgDumpStuck:
     def __init__(self, url: str) -> None:
         self.url = url
         self.conn = psycopg.connect(url)
+        self.conn.execute("SET lock_timeout = '30s'")
         self.conn.execute(f"LOCK TABLE {self.CATALOG} IN ACCESS EXCLUSIVE MODE")
 
     def backends(self) -> set[int]:
