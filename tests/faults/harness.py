@@ -195,9 +195,11 @@ def command_lines() -> dict[int, str]:
 
 class PgDumpStuck:
     """Holds a lock that pg_dump needs and the job never takes, so the job's pg_dump stays
-    in progress (its tables already locked) until `release()`: a pg_dump caught half-way."""
+    in progress (its tables already locked, reading security labels) until `release()`: a
+    pg_dump caught half-way. The catalog has no syscache, so new sessions, which may read
+    every cached catalog while they start, are not held up by the lock."""
 
-    CATALOG = "pg_catalog.pg_ts_parser"
+    CATALOG = "pg_catalog.pg_largeobject_metadata"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -211,7 +213,7 @@ class PgDumpStuck:
             rows = conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                 " AND application_name = %s AND wait_event_type = 'Lock'"
-                " AND query LIKE '%%pg_ts_parser%%'",
+                " AND query LIKE '%%pg_seclabels%%'",
                 [APP_NAME],
             ).fetchall()
         return {int(pid) for (pid,) in rows}
