@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from app import __version__, allowlist, archive, catalog, db, dump, publish, report
+from app import __version__, allowlist, archive, catalog, db, dump, monitoring, publish, report
 from app import config as configuration
 from app import log as logging_setup
 from app import manifest as mf
@@ -49,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": run_inspect,
         "restore": run_restore,
     }[args.command or "dump"]
+    _install_signal_handlers()
+    if command is not run_dump:
+        return _run(command, config, args)
+    with monitoring.checkin(os.environ) as run:
+        run.exit_code = _run(command, config, args)
+    return run.exit_code
+
+
+def _run(
+    command: Callable[[Config, argparse.Namespace], int], config: Config, args: argparse.Namespace
+) -> int:
+    """Run one command; every error the job expects becomes one log line and an exit code."""
     try:
         return command(config, args)
     except JobError as exc:

@@ -142,6 +142,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
             callspec = getattr(item, "callspec", None)
             major = callspec.params.get("pg_server") if callspec else None
+            if EXTERNAL_URL and item.get_closest_marker("throwaway_clusters"):
+                item.add_marker(
+                    pytest.mark.skip(reason="starts clusters of its own; not with TEST_DATABASE_URL")
+                )
             if item.get_closest_marker("one_major") and major != newest:
                 drop.append(item)
                 continue

@@ -33,6 +33,7 @@ def old_server() -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.throwaway_clusters
 def test_a_dump_made_by_an_older_pg_dump_is_inspected_and_restored(
     pg_server: Server, old_server: Cluster, target_db: str, tmp_path: Path
 ) -> None:
@@ -78,6 +79,7 @@ def newest_dump(pg_server: Server, tmp_path_factory: pytest.TempPathFactory) -> 
         pg_server.drop_database(url.rsplit("/", 1)[1])
 
 
+@pytest.mark.throwaway_clusters
 def test_a_pg_restore_older_than_the_dump_is_refused_naming_the_one_needed(
     pg_server: Server, newest_dump: Path, target_db: str, tmp_path: Path
 ) -> None:
