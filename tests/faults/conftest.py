@@ -47,20 +47,23 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def source(pg_server: Server, source_db: str, tmp_path: Path) -> harness.Source:
+def source(pg_server: Server, source_db: str, tmp_path: Path) -> Iterator[harness.Source]:
     """The small source database, its allow list, and a dump an earlier run published."""
     storage = tmp_path / "storage"
     storage.mkdir()
-    return harness.make_source(pg_server, source_db, storage, tmp_path / "allow_list.json")
+    made = harness.make_source(pg_server, source_db, storage, tmp_path / "allow_list.json")
+    yield made
+    made.stop_all()
 
 
 @pytest.fixture
 def role(pg_server: Server, source: harness.Source) -> Iterator[str]:
-    """A login role with CONNECT on the source database and SELECT on the listed table."""
+    """A login role (password `pw`) with CONNECT on the source database and SELECT on the
+    listed table."""
     name = f"dumper_{uuid.uuid4().hex[:8]}"
     ident = sql.Identifier(name)
     with psycopg.connect(source.url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(ident))
         conn.execute(
             sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
                 sql.Identifier(conn.info.dbname), ident

@@ -10,12 +10,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from tests import jobrun
 from tests.conftest import Server
@@ -56,6 +57,7 @@ class Source:
     storage: Path
     allow_list: Path
     previous: bytes
+    started: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
     def dump(self) -> Path:
@@ -72,8 +74,20 @@ class Source:
     def run(self, *args: str, **extra: str) -> jobrun.Result:
         return jobrun.run(self.env(**extra), *(args or ("dump",)))
 
-    def start(self, **extra: str) -> subprocess.Popen[str]:
-        return jobrun.start(self.env(**extra), "dump")
+    def start(self, env: dict[str, str] | None = None, **extra: str) -> subprocess.Popen[str]:
+        process = jobrun.start(env or self.env(**extra), "dump")
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        """A test that failed half-way leaves no job running into the next test."""
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+            for stream in (process.stdout, process.stderr):
+                if stream is not None and not stream.closed:
+                    stream.close()
+            process.wait()
 
     def execute(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url, autocommit=True) as conn:
@@ -101,10 +115,13 @@ def make_source(server: Server, url: str, storage: Path, allow_list: Path) -> So
 
 
 def as_user(url: str, user: str, password: str | None = None) -> str:
-    """`url` with another user (and password), both URI-encoded."""
-    parts = urlsplit(url)
+    """A URI to the database of `url` (a URI or conninfo) as another user, URI-encoded."""
+    params = conninfo_to_dict(url)
     auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
-    return urlunsplit(parts._replace(netloc=f"{auth}@{parts.hostname}:{parts.port}"))
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    where = f"[{host}]" if ":" in host else quote(host, safe="/")
+    port = params.get("port") or "5432"
+    return f"postgresql://{auth}@{where}:{port}/{quote(str(params.get('dbname', '')), safe='')}"
 
 
 def wait_for(

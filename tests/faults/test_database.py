@@ -63,6 +63,8 @@ def test_least_privileges_suffice(
 def test_server_restart_during_the_copy(
     pg_server: Server, source: Source, observe: Callable[[str], None]
 ) -> None:
+    if pg_server.cluster is None:
+        pytest.skip("restarting needs a throwaway cluster, not TEST_DATABASE_URL's server")
     job = source.start(PGOPTIONS=SLOW)
     harness.wait_for(lambda: harness.copy_running(source.url), "the copy", process=job)
     pg_server.restart()

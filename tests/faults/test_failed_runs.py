@@ -107,10 +107,15 @@ def test_pg_dump_older_than_the_server(
     source: Source, tmp_path: Path, observe: Callable[[str], None]
 ) -> None:
     major = source.server.major
-    if major > min(pgbin.VERSIONS):
-        older = pgbin.bindir(min(pgbin.VERSIONS)) / "pg_dump"
-    else:  # nothing older is packaged: a pg_dump that says it is 13
-        older = script(tmp_path / "pg_dump", 'echo "pg_dump (PostgreSQL) 13.22"\n')
+    cached = [
+        pgbin.cache_root() / version / "bin" / "pg_dump"
+        for m, version in sorted(pgbin.VERSIONS.items())
+        if m < major
+    ]
+    if cached and cached[0].exists():
+        older = cached[0]
+    else:  # no older binary at hand (an image without them): one that says it is older
+        older = script(tmp_path / "pg_dump", f'echo "pg_dump (PostgreSQL) {major - 1}.9"\n')
     result = source.run(PG_DUMP=str(older))
     assert result.returncode == 5, result.stderr
     message = error_of(result)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -71,11 +71,12 @@ def _reload(pg_server: Server, source: Source, role: str) -> None:
 
 
 def conninfo(url: str, role: str, password: str | None) -> str:
-    parts = urlsplit(url)
-    params = {"host": parts.hostname, "port": parts.port, "dbname": parts.path[1:], "user": role}
+    """`url` as a key=value conninfo string, for `role` with `password`."""
+    params = {**psycopg.conninfo.conninfo_to_dict(url), "user": role}
+    params.pop("password", None)
     if password is not None:
         params["password"] = password
-    return psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+    return psycopg.conninfo.make_conninfo(**params)
 
 
 @pytest.mark.one_major
@@ -97,7 +98,7 @@ def test_password_is_in_no_argv_and_no_log(
         env["DATABASE_URL"] = as_user(source.url, role)
         env["PGPASSWORD"] = password.value
     with harness.pg_dump_stuck(source.url) as stuck:
-        job = jobrun.start(env, "dump")
+        job = source.start(env)
         stuck.wait(job)
         (pg_dump,) = harness.children(job.pid)
         argv = harness.command_lines()
