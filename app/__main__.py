@@ -1,5 +1,5 @@
-"""`python -m app [dump|check|plan|inspect|restore]`: wires the stages and turns errors into
-exit codes."""
+"""`python -m app [dump|check|plan|scan|inspect|restore]`: wires the stages and turns errors
+into exit codes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,18 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from app import __version__, allowlist, archive, catalog, db, dump, monitoring, publish, report
+from app import (
+    __version__,
+    allowlist,
+    archive,
+    catalog,
+    db,
+    dump,
+    monitoring,
+    publish,
+    report,
+    scan,
+)
 from app import config as configuration
 from app import log as logging_setup
 from app import manifest as mf
@@ -27,10 +38,10 @@ from app import restore as restoring
 from app.config import Config
 from app.errors import AllowListMismatch, ConfigError, DatabaseError, Interrupted, JobError
 from app.log import log
-from app.plan import Plan, build
+from app.plan import KEPT, Plan, TablePlan, build, validate
 from app.scrub import ScratchSchema, drop_leftover
 
-COMMANDS = ("dump", "check", "plan", "inspect", "restore")
+COMMANDS = ("dump", "check", "plan", "scan", "inspect", "restore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "dump": run_dump,
         "check": run_check,
         "plan": run_plan,
+        "scan": run_scan,
         "inspect": run_inspect,
         "restore": run_restore,
     }[args.command or "dump"]
@@ -116,6 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     ):
         command = sub.add_parser(name, help=text, description=text)
         command.add_argument("--format", choices=("text", "json"), default="text")
+    command = sub.add_parser(
+        "scan",
+        help="look for personal data and secrets in kept columns; writes nothing",
+        description="Sample the allow list's kept columns on the source (read-only), or every "
+        "column of a dump (--dump, no database needed), for values that look like email "
+        "addresses, phone numbers, IP addresses, JWTs, random tokens, password hashes, NHS "
+        "numbers or payment cards, and list free-text columns for review. Exit 0 when clean, "
+        "3 when something is found.",
+    )
+    command.add_argument("--format", choices=("text", "json"), default="text")
+    command.add_argument("--dump", metavar="PATH", type=Path, help="scan this dump file instead")
+    command.add_argument(
+        "--rows", type=_positive, metavar="N", help="rows read per table (default SCAN_ROWS)"
+    )
     text = "print the manifest inside a dump (no database needed)"
     inspect = sub.add_parser(
         "inspect",
@@ -167,7 +193,7 @@ def _positive(text: str) -> int:
 
 
 def _secrets(config: Config, args: argparse.Namespace) -> list[str]:
-    secrets = [os.environ.get("PGPASSWORD", "")]
+    secrets = [os.environ.get("PGPASSWORD", ""), config.pseudonym_key or ""]
     urls = [config.database_url, getattr(args, "target", None), _target_from_env()]
     for url in filter(None, urls):
         with contextlib.suppress(psycopg.ProgrammingError):
@@ -179,16 +205,22 @@ def _target_from_env() -> str | None:
     return os.environ.get("TARGET_DATABASE_URL", "").strip() or None
 
 
-def _read_plan(config: Config, conn: psycopg.Connection[Any]) -> Plan:
-    allow = allowlist.load(config.allow_list)
-    return build(catalog.read(conn, allow, config.scratch_schema), config.scratch_schema)
+def _read_plan(
+    config: Config, conn: psycopg.Connection[Any], allow: allowlist.AllowList | None = None
+) -> Plan:
+    allow = allow or allowlist.load(config.allow_list)
+    plan = build(catalog.read(conn, allow, config.scratch_schema), config.scratch_schema)
+    validate(conn, plan)
+    return plan
 
 
 def run_check(config: Config, args: argparse.Namespace) -> int:
+    allow = allowlist.load(config.allow_list)
+    allowlist.check_schema(allow)
     with db.connect(config, autocommit=True) as conn:
         conn.read_only = True
         with conn.transaction():
-            plan = _read_plan(config, conn)
+            plan = _read_plan(config, conn, allow)
             result = report.check_report(plan)
     print(report.render(result, args.format, "check"))
     return 0
@@ -200,6 +232,36 @@ def run_plan(config: Config, args: argparse.Namespace) -> int:
         result = report.plan_report(plan, conn)
     print(report.render(result, args.format, "plan"))
     return 0
+
+
+def run_scan(config: Config, args: argparse.Namespace) -> int:
+    rows = args.rows if args.rows is not None else config.scan_rows
+    if args.dump is not None:
+        pg_restore = archive.find(config.pg_restore, archive.read_header(args.dump))
+        result = scan.scan_dump(pg_restore, args.dump, rows)
+    else:
+        with db.connect(config, autocommit=True) as conn:
+            conn.read_only = True
+            with conn.transaction():
+                plan = _read_plan(config, conn)
+                targets = [
+                    scan.Target(
+                        tp.table.qualified,
+                        tp.table.schema,
+                        tp.table.name,
+                        _kept(tp),
+                        only=tp.table.relkind == "r",
+                    )
+                    for tp in plan.tables
+                    if not tp.structure_only
+                ]
+                result = scan.scan_tables(conn, plan.catalog, targets, rows, "the source")
+    print(result.render(args.format))
+    return 0 if result.clean else AllowListMismatch.exit_code
+
+
+def _kept(tp: TablePlan) -> list[catalog.Column]:
+    return [c.column for c in tp.columns if c.action == KEPT]
 
 
 def run_inspect(config: Config, args: argparse.Namespace) -> int:
@@ -260,6 +322,13 @@ def _dump(
 
     work.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     plan = build(catalog.read(work, allow, config.scratch_schema), config.scratch_schema)
+    if plan.needs_pseudonym_key and config.pseudonym_key is None:
+        raise ConfigError(
+            "the allow list pseudonymises columns ("
+            + ", ".join(f"{tp.table.qualified}.{c}" for tp in plan.tables for c in tp.pseudonymised)
+            + "): set PSEUDONYM_KEY to a long random secret, the same for every run"
+        )
+    validate(work, plan)
     db.check_privileges(work, [(t.schema, t.name) for t in plan.catalog.tables])
     needed = sum(t.size for t in plan.catalog.tables)
     if config.max_scratch_bytes is not None and needed > config.max_scratch_bytes:
@@ -273,12 +342,13 @@ def _dump(
             extra={"foreign_key": fk.describe(plan.catalog), "reason": fk.reason},
         )
 
-    scratch = ScratchSchema(work, plan)
+    scratch = ScratchSchema(work, plan, config.pseudonym_key)
     temp: Path | None = None
     committed = False
     try:
         copy_started = time.monotonic()
         results = scratch.build()
+        _scan_copy(config, work, plan)
         location = mf.in_scratch(config.scratch_schema)
         contents = mf.collect(
             plan,
@@ -332,6 +402,41 @@ def _dump(
         },
     )
     return 0
+
+
+def _scan_copy(config: Config, work: psycopg.Connection[Any], plan: Plan) -> None:
+    """SCAN: sample the copy's kept columns before anything is committed or dumped."""
+    if config.scan == "off":
+        return
+    targets = [
+        scan.Target(tp.table.qualified, plan.scratch_schema, tp.scratch_name, _kept(tp))
+        for tp in plan.tables
+        if not tp.structure_only
+    ]
+    result = scan.scan_tables(work, plan.catalog, targets, config.scan_rows, "the copy")
+    for finding in result.findings:
+        log.warning(
+            "kept column holds values that look personal",
+            extra={**finding, "looks_like": scan.KINDS[finding["kind"]]},
+        )
+    for column in result.free_text:
+        log.info("kept column holds free text: review it", extra=column)
+    log.info(
+        "scan done",
+        extra={
+            "values": sum(c.sampled for c in result.columns),
+            "columns": len(result.columns),
+            "findings": len(result.findings),
+            "clean": result.clean,
+        },
+    )
+    if not result.clean and config.scan == "fail":
+        columns = sorted({f"{f['table']}.{f['column']}" for f in result.findings})
+        raise AllowListMismatch(
+            f"SCAN=fail: kept columns hold values that look personal ({', '.join(columns)}); "
+            "nothing published. Fake, set or pseudonymise them, or make their table "
+            "structure-only (`python -m app scan` lists what was found)"
+        )
 
 
 def _drop_scratch(

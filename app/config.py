@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -16,6 +16,7 @@ from app.errors import ConfigError
 DEFAULT_ALLOW_LIST = Path(__file__).resolve().parent.parent / "allow_list.json"
 _DURATION = re.compile(r"^\d+(\.\d+)?\s*(us|ms|s|min|h|d)?$")
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)(i?[bB])?$")
+MIN_KEY_BYTES = 16
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -35,6 +36,9 @@ class Config:
     connect_attempts: int
     connect_wait: float
     application_name: str
+    scan: str = "warn"
+    scan_rows: int = 1000
+    pseudonym_key: str | None = field(default=None, repr=False)
 
     @property
     def dump_path(self) -> Path:
@@ -52,6 +56,9 @@ class Config:
             "lock_timeout": self.lock_timeout,
             "max_scratch_bytes": self.max_scratch_bytes,
             "connect_attempts": self.connect_attempts,
+            "scan": self.scan,
+            "scan_rows": self.scan_rows,
+            "pseudonym_key_set": self.pseudonym_key is not None,
         }
 
 
@@ -90,6 +97,17 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     if not _DURATION.match(lock_timeout):
         raise ConfigError(f"LOCK_TIMEOUT must be a duration like 5s or 500ms, not {lock_timeout!r}")
 
+    scan = get("SCAN", "warn").lower()
+    if scan not in ("warn", "fail", "off"):
+        raise ConfigError(f"SCAN must be 'warn', 'fail' or 'off', not {scan!r}")
+
+    pseudonym_key = env.get("PSEUDONYM_KEY") or None
+    if pseudonym_key is not None and len(pseudonym_key.encode()) < MIN_KEY_BYTES:
+        raise ConfigError(
+            f"PSEUDONYM_KEY must be at least {MIN_KEY_BYTES} bytes (a long random secret, "
+            "e.g. from `openssl rand -hex 32`); the one set is shorter"
+        )
+
     return Config(
         database_url=_database_url(env),
         allow_list=Path(get("ALLOW_LIST", str(DEFAULT_ALLOW_LIST))),
@@ -105,6 +123,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         connect_attempts=_number(env, "CONNECT_ATTEMPTS", 5, int),
         connect_wait=_number(env, "CONNECT_WAIT", 2.0, float),
         application_name=get("APPLICATION_NAME", "sanitised-dump"),
+        scan=scan,
+        scan_rows=_number(env, "SCAN_ROWS", 1000, int),
+        pseudonym_key=pseudonym_key,
     )
 
 

@@ -218,7 +218,9 @@ def create_table(tp: TablePlan, place: Placement) -> list[sql.Composed]:
 
 def select_rows(tp: TablePlan) -> sql.Composed:
     """The rows to copy, as the source computes them: kept columns verbatim, every other
-    column its fake. Only these values ever leave the source table."""
+    column its fake. Only these values ever leave the source table. A structure-only table
+    has none: its callers copy nothing."""
+    assert not tp.structure_only, f"{tp.table.qualified} is copied without rows"
     inserted = [c for c in tp.columns if c.expression is not None]
     source = sql.Identifier(tp.table.schema, tp.table.name)
     only = sql.SQL("ONLY ") if tp.table.relkind == "r" else sql.SQL("")
@@ -351,9 +353,9 @@ def explained(table: Table, doing: str) -> Iterator[None]:
     except (pgerrors.CheckViolation, pgerrors.NotNullViolation) as exc:
         constraint = exc.diag.constraint_name or "a constraint"
         raise AllowListMismatch(
-            f"{doing} {table.qualified}: {constraint} rejects a fake value "
+            f"{doing} {table.qualified}: {constraint} rejects a fake or set value "
             f"({exc.diag.message_primary}); keep the column it checks in the allow list, "
-            "or leave the table out"
+            "set it to a value the constraint accepts, or leave the table out"
         ) from None
     except pgerrors.UniqueViolation as exc:
         raise AllowListMismatch(
@@ -368,8 +370,9 @@ def explained(table: Table, doing: str) -> Iterator[None]:
         pgerrors.InvalidTextRepresentation,
     ) as exc:
         raise AllowListMismatch(
-            f"{doing} {table.qualified}: a fake does not fit its column "
-            f"({exc.diag.message_primary}); keep the column in the allow list"
+            f"{doing} {table.qualified}: a fake or set value does not fit its column "
+            f"({exc.diag.message_primary}); keep the column in the allow list or set it to a "
+            "value that fits"
         ) from None
     except pgerrors.ForeignKeyViolation as exc:
         raise DatabaseError(

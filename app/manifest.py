@@ -2,7 +2,8 @@
 
 It says when and from which server the dump was made, by which version of the job and
 with which allow list, and for every copied table where it came from, where it sits in
-the dump, its rows, kept and faked columns (with each fake), and the names of the
+the dump, its rows, kept and faked columns (with each fake), the allow list's choices (set
+values, pseudonymised columns, structure-only tables, the reviewer's notes), and the names of the
 sequences, indexes and types the copy made for it, so that `restore` can name them back.
 Its table lives in the scratch schema under a name no copied table can take, or, when the
 dump's tables keep their original schemas and names, in a schema of its own (HOME).
@@ -22,7 +23,7 @@ from psycopg import sql
 
 from app import __version__, archive
 from app.errors import ConfigError
-from app.plan import MANIFEST_TABLE, Plan, TablePlan, type_chain
+from app.plan import FAKED, MANIFEST_TABLE, Plan, TablePlan, type_chain
 from app.scrub import TableResult
 
 FORMAT = 1
@@ -192,8 +193,12 @@ def _table(
         "faked": [
             {"column": c.column.name, "type": c.column.type_sql, "fake": c.fake.as_string(conn)}
             for c in tp.columns
-            if c.fake is not None
+            if c.fake is not None and c.action == FAKED
         ],
+        "set": tp.set_values,
+        "pseudonymised": tp.pseudonymised,
+        "structure_only": tp.structure_only,
+        "note": tp.note,
         "generated": [c.column.name for c in tp.columns if c.column.generated],
         "types": sorted(types),
         "sequences": [
@@ -321,8 +326,17 @@ def text(report: dict[str, Any]) -> str:
             f"\n{t['schema']}.{t['name']}: {t['rows']} rows, {len(t['kept'])} kept, "
             f"{len(t['faked'])} faked (as {t['scratch_schema']}.{t['scratch_name']})"
         )
+        if t.get("structure_only"):
+            lines.append("  structure only: no rows")
+        if t.get("note"):
+            lines.append(f"  note:  {t['note']}")
         lines.append(f"  kept:  {', '.join(t['kept']) or 'none'}")
         lines += [f"  faked: {f['column']} = {f['fake']}" for f in t["faked"]]
+        lines += [
+            f"  set:   {column} = {json.dumps(value)}" for column, value in t.get("set", {}).items()
+        ]
+        if t.get("pseudonymised"):
+            lines.append(f"  pseudonymised: {', '.join(t['pseudonymised'])}")
         if t["generated"]:
             lines.append(f"  generated: {', '.join(t['generated'])}")
         lines += [

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from app import ddl
+from app import ddl, pseudonym
 from app.errors import AllowListMismatch, ConfigError
 from app.log import log
 from app.plan import Plan, TablePlan
@@ -55,16 +55,22 @@ class TableResult:
     kept: list[str]
     faked: list[str]
     seconds: float
+    set_columns: list[str]
+    pseudonymised: list[str]
+    structure_only: bool
 
 
 class ScratchSchema:
     """Builds the copy in a schema of the source database, inside the open transaction."""
 
-    def __init__(self, conn: psycopg.Connection[Any], plan: Plan) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], plan: Plan, pseudonym_key: str | None = None
+    ) -> None:
         self.conn = conn
         self.plan = plan
         self.schema = plan.scratch_schema
         self.place = ddl.InScratchSchema(plan)
+        self.pseudonym_key = pseudonym_key
 
     def build(self) -> list[TableResult]:
         """Create, fill and index every table; the caller commits."""
@@ -86,6 +92,10 @@ class ScratchSchema:
             for statement in ddl.create_table(tp, self.place):
                 conn.execute(statement)
         self._check_self_contained()
+        if self.plan.needs_pseudonym_key:
+            if not self.pseudonym_key:
+                raise ConfigError("the allow list pseudonymises columns: set PSEUDONYM_KEY")
+            pseudonym.install_key(self.conn, self.pseudonym_key)
         results = [self._copy(tp) for tp in self.plan.tables]
         for tp in self.plan.tables:
             with ddl.explained(tp.table, "indexing"):
@@ -136,6 +146,8 @@ class ScratchSchema:
 
     def _copy(self, tp: TablePlan) -> TableResult:
         started = time.monotonic()
+        if tp.structure_only:
+            return table_copied(tp, 0, started)
         with ddl.explained(tp.table, "copying"):
             rows = self.conn.execute(ddl.insert_rows(tp, self.place)).rowcount
             for statement, params in ddl.continue_sequences(tp, self.place):
@@ -152,6 +164,9 @@ def table_copied(tp: TablePlan, rows: int, started: float) -> TableResult:
         kept=tp.kept,
         faked=tp.faked,
         seconds=round(time.monotonic() - started, 3),
+        set_columns=list(tp.set_values),
+        pseudonymised=tp.pseudonymised,
+        structure_only=tp.structure_only,
     )
     log.info(
         "table copied",
@@ -160,6 +175,9 @@ def table_copied(tp: TablePlan, rows: int, started: float) -> TableResult:
             "rows": result.rows,
             "kept": result.kept,
             "faked": result.faked,
+            "set": result.set_columns,
+            "pseudonymised": result.pseudonymised,
+            "structure_only": result.structure_only,
             "seconds": result.seconds,
         },
     )

@@ -144,7 +144,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             major = callspec.params.get("pg_server") if callspec else None
             if EXTERNAL_URL and item.get_closest_marker("throwaway_clusters"):
                 item.add_marker(
-                    pytest.mark.skip(reason="starts clusters of its own; not with TEST_DATABASE_URL")
+                    pytest.mark.skip(
+                        reason="starts clusters of its own; not with TEST_DATABASE_URL"
+                    )
                 )
             if item.get_closest_marker("one_major") and major != newest:
                 drop.append(item)
