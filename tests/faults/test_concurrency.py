@@ -28,15 +28,15 @@ def scratch_oid(source: Source) -> object:
 
 
 @pytest.mark.one_major
-@pytest.mark.parametrize("same_dump_name", [True, False], ids=["same-name", "other-name"])
+@pytest.mark.parametrize("dump_name", ["sanitised.dump", "other.dump"])
 @pytest.mark.fault(
-    "a second run starts while the first one's pg_dump runs (same scratch schema; "
-    "same dump name: {same_dump_name})",
+    "a second run (DUMP_NAME={dump_name}) starts while the pg_dump of a first one "
+    "(DUMP_NAME=sanitised.dump) runs; the same database and scratch schema",
     "the second exits 7 and leaves the scratch schema and the storage folder as they are; "
     "the first then publishes",
 )
 def test_second_run_exits_7_and_touches_nothing(
-    source: Source, same_dump_name: bool, observe: Callable[[str], None]
+    source: Source, dump_name: str, observe: Callable[[str], None]
 ) -> None:
     with harness.pg_dump_stuck(source.url) as stuck:
         first = source.start()
@@ -45,8 +45,7 @@ def test_second_run_exits_7_and_touches_nothing(
         assert len(jobrun.temp_files(source.storage)) == 1
         schema = scratch_oid(source)
         assert schema is not None
-        extra = {} if same_dump_name else {"DUMP_NAME": "other.dump"}
-        second = source.run(**extra)
+        second = source.run(DUMP_NAME=dump_name)
         assert second.returncode == 7, second.stderr
         assert "another run holds the lock" in error_of(second)
         assert folder(source.storage) == before

@@ -108,7 +108,7 @@ def test_password_is_in_no_argv_and_no_log(
     assert result.returncode == 0, result.stderr
     assert not password.leaked_in(result.stderr + result.stdout)
     assert any(line["level"] == "DEBUG" for line in result.logs)
-    observe(f"{len(argv)} processes' argv searched; exit {result.returncode}")
+    observe(f"pg_dump's and every other process's argv searched; exit {result.returncode}")
 
 
 @pytest.mark.one_major

@@ -153,8 +153,11 @@ def test_publish_fails(source: Source, observe: Callable[[str], None]) -> None:
     "DUMP_NAME with glob characters (`*`, `[x]`) beside temp files of other dumps",
     "stale-file cleanup removes only this dump's own temp files",
 )
-def test_stale_cleanup_takes_dump_name_literally(tmp_path: Path) -> None:
-    for dump_name in ("*", "[s]anitised.dump", "sanitised.dump"):
+def test_stale_cleanup_takes_dump_name_literally(
+    tmp_path: Path, observe: Callable[[str], None]
+) -> None:
+    names = ("*", "[s]anitised.dump", "sanitised.dump")
+    for dump_name in names:
         own = publish.create_temp(tmp_path, dump_name)
         others = [
             tmp_path / "tmp-sanitised-dump-sanitised.dump-eu-abcdefgh",
@@ -166,3 +169,4 @@ def test_stale_cleanup_takes_dump_name_literally(tmp_path: Path) -> None:
             path.write_text("x")
         assert publish.remove_stale(tmp_path, dump_name) == [own]
         assert all(path.exists() for path in others)
+    observe(f"{len(names)} names, each removed its own temp file and none of 4 others")
