@@ -449,22 +449,36 @@ def _drop_scratch(
     original error, but say loudly when the schema may be left behind."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        if not work.closed and not work.broken:
+    if not work.closed and not work.broken:
+        with contextlib.suppress(psycopg.Error):  # a lost connection rolled back already
             work.rollback()
-        if committed:
-            conn = lock_conn if not lock_conn.broken else db.connect(config, autocommit=True)
-            conn.execute(
-                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-                    sql.Identifier(config.scratch_schema)
-                )
-            )
-            log.info("scratch schema dropped", extra={"schema": config.scratch_schema})
+    if not committed:
+        return
+    try:
+        _drop_committed(config, lock_conn)
+        log.info("scratch schema dropped", extra={"schema": config.scratch_schema})
     except (psycopg.Error, JobError) as exc:
         log.error(
             "could not drop the scratch schema; the next run drops it",
             extra={"schema": config.scratch_schema, "error": str(exc)},
         )
+
+
+def _drop_committed(config: Config, lock_conn: psycopg.Connection[Any]) -> None:
+    """Drop the scratch schema while holding the lock: on the lock's connection, or, when the
+    server dropped that connection (a restart) and the lock with it, on a new connection that
+    takes the lock again first (LockHeld: another run has started and owns the schema)."""
+    drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(config.scratch_schema))
+    try:
+        lock_conn.execute(drop)
+        return
+    except psycopg.OperationalError:
+        if not lock_conn.broken:
+            raise  # a lock timeout, say: the connection and the lock are fine
+    log.warning("lost the connection; reconnecting to drop the scratch schema")
+    with db.connect(config, autocommit=True) as conn:
+        db.take_lock(conn, config.scratch_schema)
+        conn.execute(drop)
 
 
 def _install_signal_handlers() -> None:

@@ -3,6 +3,7 @@ published dump, and ways to catch the job in the middle of its copy or of its pg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -243,7 +244,8 @@ class PgDumpStuck:
 
     def release(self) -> None:
         if not self.conn.closed:
-            self.conn.rollback()
+            with contextlib.suppress(psycopg.OperationalError):  # the server restarted
+                self.conn.rollback()
             self.conn.close()
 
 

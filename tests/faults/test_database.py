@@ -75,6 +75,28 @@ def test_server_restart_during_the_copy(
     source.assert_clean()
 
 
+@pytest.mark.one_major
+@pytest.mark.fault(
+    "the server restarts while pg_dump runs (the scratch schema is committed by then)",
+    "exit 5; the job reconnects, takes the lock again and drops the scratch schema; "
+    "nothing published",
+)
+def test_server_restart_during_pg_dump(
+    pg_server: Server, source: Source, observe: Callable[[str], None]
+) -> None:
+    if pg_server.cluster is None:
+        pytest.skip("restarting needs a throwaway cluster, not TEST_DATABASE_URL's server")
+    with harness.pg_dump_stuck(source.url) as stuck:
+        job = source.start(CONNECT_ATTEMPTS="20", CONNECT_WAIT="0.1")
+        stuck.wait(job)
+        pg_server.restart()
+    result = harness.finish(job)
+    assert result.returncode == 5, result.stderr
+    assert "scratch schema dropped" in result.messages()
+    observe(f"exit {result.returncode}, scratch schema dropped after reconnecting")
+    source.assert_clean()
+
+
 @pytest.mark.fault(
     "nothing listens where DATABASE_URL points (connection refused)",
     "bounded retries, each logged, then exit 4 naming DATABASE_URL",
