@@ -4,8 +4,12 @@ next run cleans up after a killed one (and only after itself)."""
 
 from __future__ import annotations
 
+import json
+import select
 import signal
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +136,41 @@ def test_sigkill_during_pg_dump_then_run_again(
     assert source.dump.read_bytes() != source.previous
     assert SCRATCH not in jobrun.schemas(source.url)
     observe(f"second run: exit {result.returncode}, removed 1 of 3 temp-looking files")
+
+
+@pytest.mark.fault(
+    "SIGTERM while the job waits to retry a refused connection",
+    "exit 143 at once, without the remaining retries; nothing written",
+)
+def test_sigterm_while_retrying_to_connect(tmp_path: Path, observe: Callable[[str], None]) -> None:
+    allow = tmp_path / "allow_list.json"
+    allow.write_text('{"people": ["id"]}')
+    env = jobrun.job_env(
+        "postgresql://dumper@127.0.0.1:1/prod",
+        tmp_path,
+        tmp_path,
+        ALLOW_LIST=str(allow),
+        CONNECT_ATTEMPTS="50",
+        CONNECT_WAIT="1",
+    )
+    job = jobrun.start(env, "dump")
+    try:
+        first = _next_line(job)
+        assert json.loads(first)["message"] == "cannot connect, retrying", first
+        job.send_signal(signal.SIGTERM)
+        result = harness.finish(job, timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert result.returncode == 143, result.stderr
+    assert not any(line["message"] == "cannot connect, retrying" for line in result.logs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["allow_list.json"]
+    observe(f"exit {result.returncode} after 1 of 50 attempts")
+
+
+def _next_line(process: subprocess.Popen[str], timeout: float = 60) -> str:
+    assert process.stderr is not None
+    ready, _, _ = select.select([process.stderr], [], [], timeout)
+    assert ready, "the job logged nothing"
+    return process.stderr.readline()
