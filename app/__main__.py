@@ -356,7 +356,11 @@ def _dump(
         scratch.close()
         source.close()
 
-    published = publish.publish(temp, config.dump_path)
+    try:
+        published = publish.publish(temp, config.dump_path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a failed or interrupted publish leaves no temp file
+        raise
     log.info(
         "published",
         extra={"path": str(published.path), "size": published.size, "sha256": published.sha256},

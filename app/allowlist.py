@@ -109,6 +109,8 @@ def load(path: Path) -> AllowList:
             f"allow list {path} is not valid JSON: {exc.msg} "
             f"at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"allow list {path} is nested too deeply to be an allow list") from None
     entries = parse(document, path)
     return AllowList(
         path=path, entries=entries, sha256=hashlib.sha256(raw).hexdigest(), document=document
@@ -131,7 +133,7 @@ def parse(document: Any, path: Path | str = "allow list") -> tuple[TableEntry, .
     for key, value in tables.items():
         where = f"allow list {path}, entry {key!r}"
         schema, table = split_key(key)
-        if not schema or not table or "\x00" in key:
+        if not schema or not table or not _is_name(key):
             raise ConfigError(f'{where}: not a table name (use "table" or "schema.table")')
         if (schema, table) in seen:
             raise ConfigError(f"{where}: names the same table as entry {seen[schema, table]!r}")
@@ -228,7 +230,7 @@ def _column_name(column: Any, where: str, name: str) -> None:
     within = f' in "{name}"' if name else ""
     if not isinstance(column, str):
         raise ConfigError(f"{where}: column {column!r}{within} is {_kind(column)}, not a string")
-    if not column or "\x00" in column:
+    if not column or not _is_name(column):
         raise ConfigError(f"{where}: column {column!r}{within} is not a column name")
 
 
@@ -265,6 +267,18 @@ def check_schema(allow: AllowList) -> None:
         raise ConfigError(
             f"allow list {allow.path} does not match {SCHEMA_FILE}: " + "; ".join(problems[:10])
         )
+
+
+def _is_name(text: str) -> bool:
+    """No NUL, and UTF-8 (JSON's \\ud800 escapes decode to lone surrogates, which no
+    database name can hold and which psycopg cannot even send)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _DuplicateKey(ValueError):

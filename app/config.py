@@ -131,7 +131,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         )
 
     return Config(
-        database_url=env.get("DATABASE_URL") or None,
+        database_url=_database_url(env),
         allow_list=Path(get("ALLOW_LIST", str(DEFAULT_ALLOW_LIST))),
         storage_dir=Path(get("STORAGE_DIR", "/storage")),
         dump_name=dump_name,
@@ -151,6 +151,23 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         scratch_database_url=scratch_url,
         pg_bindir=env.get("PG_BINDIR", "").strip() or None,
     )
+
+
+def _database_url(env: Mapping[str, str]) -> str | None:
+    """Parsed once here, so that a malformed one is a configuration error (exit 2) whose
+    message quotes none of it: libpq's parse errors quote the offending token, which may be
+    the password."""
+    url = env.get("DATABASE_URL") or None
+    if url is not None:
+        try:
+            conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            problem = re.sub(r'"[^"]*"', '"..."', str(exc).strip().splitlines()[0])
+            raise ConfigError(
+                f"DATABASE_URL is not a libpq URI or conninfo string ({problem}); "
+                "its text is not shown because it may hold the password"
+            ) from None
+    return url
 
 
 def _size(env: Mapping[str, str], name: str) -> int | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from app.db import CHECK_INTERVAL
 from app.errors import PgDumpError
 from app.log import log
 
@@ -52,16 +53,23 @@ def find(binary: str, server_major: int) -> PgDump:
 
 
 def child_env(database_url: str | None, application_name: str) -> tuple[str | None, dict[str, str]]:
-    """The --dbname conninfo without the password, and the child's environment with it."""
+    """The --dbname conninfo without the password, and the child's environment with it.
+
+    pg_dump's server session checks that its client is alive, so that a pg_dump killed with
+    the job (while it waits for a lock, say) does not keep the scratch tables locked."""
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
     env["PGAPPNAME"] = application_name
+    check = f"-c client_connection_check_interval={CHECK_INTERVAL}"
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {check}".strip()
     if database_url is None:
         return None, env
     params = conninfo_to_dict(database_url)
     password = params.pop("password", None)
     if password is not None:
         env["PGPASSWORD"] = str(password)
+    if params.get("options"):
+        params["options"] = f"{params['options']} {check}"
     params.setdefault("application_name", application_name)
     return make_conninfo(**{k: str(v) for k, v in params.items()}), env
 

@@ -10,6 +10,7 @@ copy, tells pg_dump what to dump, and removes the copy when the run ends, howeve
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -139,8 +140,8 @@ class SchemaOnSource:
             allow_list_sha256=allow_list_sha256,
         )
         mf.write(source, location, contents)
+        self.committed = True  # from here on the schema may exist for others: drop it
         source.commit()
-        self.committed = True
         return results
 
     def reset(self) -> None:
@@ -154,21 +155,34 @@ class SchemaOnSource:
         """Roll back what is uncommitted, drop what was committed; say loudly when the
         schema may be left behind."""
         schema = self.config.scratch_schema
-        try:
-            if not self.work.closed and not self.work.broken:
+        if not self.work.closed and not self.work.broken:
+            with contextlib.suppress(psycopg.Error):  # a lost connection rolled back already
                 self.work.rollback()
-            if self.committed:
-                conn = (
-                    self.lock_conn
-                    if not self.lock_conn.broken
-                    else db.connect(self.config, autocommit=True)
-                )
-                conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
-                )
-                log.info("scratch schema dropped", extra={"schema": schema})
+        if not self.committed:
+            return
+        try:
+            self._drop_committed()
+            log.info("scratch schema dropped", extra={"schema": schema})
         except (psycopg.Error, JobError) as exc:
             log.error(
                 "could not drop the scratch schema; the next run drops it",
                 extra={"schema": schema, "error": str(exc)},
             )
+
+    def _drop_committed(self) -> None:
+        """Drop the scratch schema while holding the lock: on the lock's connection, or,
+        when the server dropped that connection (a restart) and the lock with it, on a new
+        connection that takes the lock again first (LockHeld: another run has started and
+        owns the schema)."""
+        schema = self.config.scratch_schema
+        drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        try:
+            self.lock_conn.execute(drop)
+            return
+        except psycopg.OperationalError:
+            if not self.lock_conn.broken:
+                raise  # a lock timeout, say: the connection and the lock are fine
+        log.warning("lost the connection; reconnecting to drop the scratch schema")
+        with db.connect(self.config, autocommit=True) as conn:
+            db.take_lock(conn, schema)
+            conn.execute(drop)
