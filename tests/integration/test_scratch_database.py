@@ -646,10 +646,11 @@ def _wal_bytes(source: Source, start: str, end: str, db_oids: list[int]) -> list
 
 
 def _lsn(url: str) -> str:
-    """The end of the WAL inserted so far; the checkpoint puts it all on disk."""
+    """The end of the WAL inserted so far, written out by a commit that writes WAL (in the
+    postgres database; a checkpoint would recycle the segments pg_waldump reads)."""
     with psycopg.connect(url, autocommit=True) as conn:
         lsn = str(conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0])  # type: ignore[index]
-        conn.execute("CHECKPOINT")
+        conn.execute("CREATE TEMP TABLE wal_written ()")
         return lsn
 
 
@@ -661,6 +662,7 @@ def test_a_run_writes_nothing_to_the_source_beyond_what_reads_do(
     oids = dict(jobrun.rows(primary, "SELECT datname, oid FROM pg_database"))
     with psycopg.connect(primary, autocommit=True) as conn:
         conn.execute("ALTER SYSTEM SET autovacuum = off")
+        conn.execute("ALTER SYSTEM SET wal_keep_size = '1GB'")  # no segment recycled meanwhile
         conn.execute("SELECT pg_reload_conf()")
     try:
         with psycopg.connect(source.primary("demo"), autocommit=True) as conn:
@@ -687,6 +689,7 @@ def test_a_run_writes_nothing_to_the_source_beyond_what_reads_do(
     finally:
         with psycopg.connect(primary, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM RESET autovacuum")
+            conn.execute("ALTER SYSTEM RESET wal_keep_size")
             conn.execute("SELECT pg_reload_conf()")
     assert on_source <= reads[0]
     assert on_scratch > 100_000  # the copy's own writes are seen: the measure works
