@@ -8,14 +8,13 @@ a plain message, before pg_restore prints its own.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.dump import _die_with_parent
+from app.dump import _die_with_parent, client_version
 from app.errors import ConfigError, PgRestoreError
 
 MAGIC = b"PGDMP"
@@ -156,22 +155,7 @@ def _major(version: str | None) -> int | None:
 def find(binary: str, header: Header) -> PgRestore:
     """Resolve pg_restore and refuse one older than the pg_dump that wrote the archive:
     PostgreSQL only promises that pg_restore reads archives of its own major and older."""
-    path = shutil.which(binary)
-    if path is None:
-        raise PgRestoreError(
-            f"pg_restore not found: {binary!r} (set PG_RESTORE, install the client, or run "
-            "restore from the image)"
-        )
-    try:
-        out = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise PgRestoreError(f"{path} --version failed: {exc}") from None
-    match = _VERSION.search(out)
-    if not match:
-        raise PgRestoreError(f"cannot read the version of {path}: {out.strip()!r}")
-    major = int(match.group(1))
+    path, major, version = client_version(binary, "PG_RESTORE", PgRestoreError)
     needed = header.pg_dump_major
     if needed is not None and major < needed:
         raise PgRestoreError(
@@ -180,7 +164,7 @@ def find(binary: str, header: Header) -> PgRestore:
             f"cannot read it: use pg_restore {needed} or newer (PG_RESTORE), or run restore "
             "from the image"
         )
-    return PgRestore(path=path, major=major, version=out.strip())
+    return PgRestore(path=path, major=major, version=version)
 
 
 def entries(pg_restore: PgRestore, dump: Path) -> list[Entry]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from app.db import CHECK_INTERVAL
-from app.errors import PgDumpError
+from app.errors import JobError, PgDumpError
 from app.log import log
 
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
@@ -29,27 +29,33 @@ class PgDump:
     version: str
 
 
-def find(binary: str, server_major: int) -> PgDump:
-    """Resolve pg_dump once and refuse one older than the server (SPEC §2, exit 5)."""
+def client_version(binary: str, variable: str, error: type[JobError]) -> tuple[str, int, str]:
+    """Resolve a PostgreSQL client program once: (path, major, `--version` text)."""
     path = shutil.which(binary)
     if path is None:
-        raise PgDumpError(f"pg_dump not found: {binary!r} (set PG_DUMP or install the client)")
+        name = Path(binary).name
+        raise error(f"{name} not found: {binary!r} (set {variable} or install the client)")
     try:
         out = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=30, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise PgDumpError(f"{path} --version failed: {exc}") from None
+        raise error(f"{path} --version failed: {exc}") from None
     match = _VERSION.search(out)
     if not match:
-        raise PgDumpError(f"cannot read the version of {path}: {out.strip()!r}")
-    major = int(match.group(1))
+        raise error(f"cannot read the version of {path}: {out.strip()!r}")
+    return path, int(match.group(1)), out.strip()
+
+
+def find(binary: str, server_major: int) -> PgDump:
+    """Resolve pg_dump once and refuse one older than the server (SPEC §2, exit 5)."""
+    path, major, version = client_version(binary, "PG_DUMP", PgDumpError)
     if major < server_major:
         raise PgDumpError(
             f"pg_dump {major} ({path}) is older than the server ({server_major}): use a "
             f"pg_dump of major {server_major} or newer (PG_DUMP, or the image's PG_MAJOR)"
         )
-    return PgDump(path=path, major=major, version=out.strip())
+    return PgDump(path=path, major=major, version=version)
 
 
 def child_env(database_url: str | None, application_name: str) -> tuple[str | None, dict[str, str]]:
