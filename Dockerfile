@@ -79,6 +79,9 @@ RUN --mount=type=secret,id=ca \
 # runtime: Debian's python3 and pg_dump, the venv, a non-root user.
 FROM ${BASE_IMAGE} AS runtime
 ARG PG_MAJOR=17
+# 1: Debian's PostgreSQL server too, for SCRATCH_DATABASE_URL=embedded (about 200 MB more);
+# 0: the client only.
+ARG EMBEDDED_SERVER=1
 ARG DEBIAN_FRONTEND=noninteractive
 # postgresql-client-common ships apt.postgresql.org.sh, which adds the
 # PostgreSQL apt repository (and its keyring) for the majors Debian lacks.
@@ -99,6 +102,14 @@ RUN --mount=type=secret,id=ca \
     fi \
     && apt-get install -y --no-install-recommends \
         ca-certificates python3 "postgresql-client-$PG_MAJOR" \
+    && if [ "$EMBEDDED_SERVER" = 1 ]; then \
+        mkdir -p /etc/postgresql-common/createcluster.d \
+        && echo 'create_main_cluster = false' \
+            >/etc/postgresql-common/createcluster.d/00-no-main.conf \
+        && apt-get install -y --no-install-recommends "postgresql-$PG_MAJOR" \
+        && rm -rf "/usr/lib/postgresql/$PG_MAJOR/lib/bitcode" \
+        && "/usr/lib/postgresql/$PG_MAJOR/bin/initdb" --version; \
+    fi \
     && rm -rf /var/lib/apt/lists/* /etc/apt/apt.conf.d/00build \
     && "/usr/lib/postgresql/$PG_MAJOR/bin/pg_dump" --version
 
