@@ -422,12 +422,18 @@ def read(conn: psycopg.Connection[Any], allow: AllowList, scratch_schema: str) -
             )
         for table in tables:
             names = {c.name for c in table.columns}
-            for name in table.entry.keep:
-                if name not in names:
-                    problems.append(
-                        f"column {name!r} of table {table.qualified!r} (entry "
-                        f"{table.entry.key!r}) does not exist"
-                    )
+            entry = table.entry
+            for role, columns in (
+                ("", entry.keep),
+                (", set", [c for c, _ in entry.set_values]),
+                (", pseudonymised", entry.pseudonymise),
+            ):
+                for name in columns:
+                    if name not in names:
+                        problems.append(
+                            f"column {name!r} of table {table.qualified!r} (entry "
+                            f"{entry.key!r}{role}) does not exist"
+                        )
         if problems:
             raise AllowListMismatch("allow list does not fit the database: " + "; ".join(problems))
 

@@ -85,10 +85,19 @@ class Cluster:
     def url(self, dbname: str = "postgres", user: str = SUPERUSER) -> str:
         return f"postgresql://{quote(user, safe='')}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
 
-    def init(self, *, checksums: bool = False, settings: dict[str, str] | None = None) -> None:
-        """Create the data dir with trust auth and append the scratch-server settings."""
+    def init(
+        self,
+        *,
+        checksums: bool = False,
+        settings: dict[str, str] | None = None,
+        unix_socket: bool = True,
+    ) -> None:
+        """Create the data dir with trust auth and append the scratch-server settings.
+
+        Without `unix_socket` the server listens on loopback TCP only, so the data dir may
+        be deeper than a socket path allows."""
         socket_path = self.rundir / f".s.PGSQL.{self.port}"
-        if len(str(socket_path)) > _MAX_SOCKET_PATH:
+        if unix_socket and len(str(socket_path)) > _MAX_SOCKET_PATH:
             raise ClusterError(f"socket path {socket_path} is too long; use a shorter datadir")
         extra = dict(settings or {})
         for name in extra:
@@ -118,7 +127,7 @@ class Cluster:
         conf = {
             "listen_addresses": "127.0.0.1",
             "port": str(self.port),
-            "unix_socket_directories": str(self.rundir),
+            "unix_socket_directories": str(self.rundir) if unix_socket else "",
             "fsync": "off",
             "wal_level": "replica",
             "max_wal_senders": "4",

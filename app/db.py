@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -21,17 +22,30 @@ from app.config import Config
 from app.errors import DatabaseError, LockHeld
 from app.log import log
 
-CHECK_INTERVAL = "10s"
+# How soon a server session notices that the job died (SIGKILL, OOM): its INSERT stops and
+# rolls back, so the next run, waiting at most LOCK_TIMEOUT on the scratch schema's name or
+# tables, is not blocked by it.
+CHECK_INTERVAL = "1s"
 
 
-def connect(config: Config, *, autocommit: bool = False) -> psycopg.Connection[Any]:
-    """Connect with bounded, logged retries; exit 4 when the server stays unreachable."""
+def connect(
+    config: Config,
+    *,
+    autocommit: bool = False,
+    url: str | None = None,
+    what: str = "the source",
+    variable: str = "DATABASE_URL or the PG* variables",
+) -> psycopg.Connection[Any]:
+    """Connect with bounded, logged retries; exit 4 when the server stays unreachable.
+
+    `url` defaults to the source's; `what` and `variable` name the server in messages."""
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
             "cannot connect, retrying",
             extra={
+                "server": what,
                 "attempt": state.attempt_number,
                 "of": config.connect_attempts,
                 "error": _first_line(exc),
@@ -48,15 +62,15 @@ def connect(config: Config, *, autocommit: bool = False) -> psycopg.Connection[A
     try:
         conn = retrying(
             psycopg.connect,
-            config.database_url or "",
+            (config.database_url if url is None else url) or "",
             autocommit=autocommit,
             application_name=config.application_name,
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
         raise DatabaseError(
-            f"cannot connect to the source after {config.connect_attempts} attempts: "
-            f"{_first_line(exc)} (check DATABASE_URL or the PG* variables)"
+            f"cannot connect to {what} after {config.connect_attempts} attempts: "
+            f"{_first_line(exc)} (check {variable})"
         ) from None
     try:
         conn.execute("SELECT set_config('lock_timeout', %s, false)", [config.lock_timeout])
@@ -90,15 +104,18 @@ def take_lock(conn: psycopg.Connection[Any], scope: str) -> None:
         )
 
 
-def check_privileges(conn: psycopg.Connection[Any], tables: list[tuple[str, str]]) -> None:
-    """CREATE on the database and SELECT on every listed table, before any write."""
+def check_privileges(
+    conn: psycopg.Connection[Any], tables: list[tuple[str, str]], *, create: bool = True
+) -> None:
+    """CREATE on the database (when the copy is made there) and SELECT on every listed
+    table, before any write."""
     row = conn.execute(
         "SELECT current_user, current_database(),"
         " has_database_privilege(current_database(), 'CREATE')"
     ).fetchone()
     assert row is not None
     user, database, can_create = row
-    if not can_create:
+    if create and not can_create:
         raise DatabaseError(
             f"role {user!r} lacks the CREATE privilege on database {database!r}, needed for the "
             f"scratch schema: GRANT CREATE ON DATABASE {database} TO {user}"
@@ -115,6 +132,43 @@ def check_privileges(conn: psycopg.Connection[Any], tables: list[tuple[str, str]
         raise DatabaseError(
             f"role {user!r} lacks SELECT on {', '.join(missing)}: grant it, or leave the tables out"
         )
+
+
+def is_recovery_conflict(exc: BaseException) -> bool:
+    """A hot standby cancelled the query, or ended the session, because replaying the
+    primary's changes needed rows or locks the snapshot still used."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate not in (None, "40001"):
+        return False
+    if not isinstance(exc, psycopg.Error | DatabaseError):
+        return False
+    return "conflict with recovery" in str(exc)
+
+
+RECOVERY_CONFLICTS = """
+SELECT CASE WHEN pg_is_in_recovery() THEN
+       (SELECT confl_tablespace + confl_lock + confl_snapshot + confl_bufferpin + confl_deadlock
+          FROM pg_stat_database_conflicts WHERE datname = current_database()) END
+"""
+
+
+def recovery_conflicts(conn: psycopg.Connection[Any]) -> int | None:
+    """Queries the standby has cancelled or ended so far in this database; None on a
+    primary. Read on an idle autocommit connection, which no such conflict ends."""
+    row = conn.execute(RECOVERY_CONFLICTS).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def conflict_counted(conn: psycopg.Connection[Any], before: int, wait: float = 3.0) -> bool:
+    """Whether the standby counted a conflict since `before`: the session it ends may close
+    before its message reaches the client, so a lost connection alone does not tell."""
+    deadline = time.monotonic() + wait
+    while True:
+        now = recovery_conflicts(conn)
+        if now is not None and now > before:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _first_line(exc: BaseException | None) -> str:

@@ -231,10 +231,12 @@ def create_table(tp: TablePlan, place: Placement, *, unlogged: bool = False) -> 
 
 def select_rows(tp: TablePlan, rows: Chunk | None = None) -> sql.Composed:
     """The rows to copy, as the source computes them: kept columns verbatim, every other
-    column its fake. Only these values ever leave the source table.
+    column its fake. Only these values ever leave the source table. A structure-only table
+    has none: its callers copy nothing.
 
     `rows` keeps one slice of the numbered rows, so that several statements can copy one
     table between them with the very numbers, and fakes, that one statement gives."""
+    assert not tp.structure_only, f"{tp.table.qualified} is copied without rows"
     inserted = [c for c in tp.columns if c.expression is not None]
     source = sql.Identifier(tp.table.schema, tp.table.name)
     only = sql.SQL("ONLY ") if tp.table.relkind == "r" else sql.SQL("")
@@ -311,14 +313,17 @@ def continue_sequences(tp: TablePlan, place: Placement) -> list[tuple[sql.Compos
 
 
 def index(tp: TablePlan, place: Placement) -> list[sql.Composed]:
-    """Primary keys, unique constraints, unvalidated CHECKs and indexes, built after the load."""
+    """Primary keys, unique constraints, unvalidated CHECKs and indexes, built after the load.
+
+    The name each index gets is kept in `tp.index_names`, for the manifest."""
     table = table_ident(place, tp)
     statements: list[sql.Composed] = []
     for con in tp.table.constraints:
         if con.kind in "pux":
+            tp.index_names[con.name] = place.index_name(con.name)
             statements.append(
                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-                    table, sql.Identifier(place.index_name(con.name)), as_sql(con.definition)
+                    table, sql.Identifier(tp.index_names[con.name]), as_sql(con.definition)
                 )
             )
         elif con.kind == "c" and not con.validated:
@@ -326,10 +331,11 @@ def index(tp: TablePlan, place: Placement) -> list[sql.Composed]:
     for ix in tp.table.indexes:
         if ix.of_constraint:
             continue
+        tp.index_names[ix.name] = place.index_name(ix.name)
         statements.append(
             sql.SQL("CREATE {}INDEX {} ON {} {}").format(
                 sql.SQL("UNIQUE ") if ix.unique else sql.SQL(""),
-                sql.Identifier(place.index_name(ix.name)),
+                sql.Identifier(tp.index_names[ix.name]),
                 table,
                 as_sql(ix.method_sql),
             )
@@ -375,9 +381,9 @@ def explained(table: Table, doing: str) -> Iterator[None]:
     except (pgerrors.CheckViolation, pgerrors.NotNullViolation) as exc:
         constraint = exc.diag.constraint_name or "a constraint"
         raise AllowListMismatch(
-            f"{doing} {table.qualified}: {constraint} rejects a fake value "
+            f"{doing} {table.qualified}: {constraint} rejects a fake or set value "
             f"({exc.diag.message_primary}); keep the column it checks in the allow list, "
-            "or leave the table out"
+            "set it to a value the constraint accepts, or leave the table out"
         ) from None
     except pgerrors.UniqueViolation as exc:
         raise AllowListMismatch(
@@ -392,8 +398,9 @@ def explained(table: Table, doing: str) -> Iterator[None]:
         pgerrors.InvalidTextRepresentation,
     ) as exc:
         raise AllowListMismatch(
-            f"{doing} {table.qualified}: a fake does not fit its column "
-            f"({exc.diag.message_primary}); keep the column in the allow list"
+            f"{doing} {table.qualified}: a fake or set value does not fit its column "
+            f"({exc.diag.message_primary}); keep the column in the allow list or set it to a "
+            "value that fits"
         ) from None
     except pgerrors.ForeignKeyViolation as exc:
         raise DatabaseError(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from app.errors import PgDumpError
+from app.db import CHECK_INTERVAL
+from app.errors import JobError, PgDumpError
 from app.log import log
 
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
@@ -32,27 +33,33 @@ class PgDump:
     version: str
 
 
-def find(binary: str, server_major: int) -> PgDump:
-    """Resolve pg_dump once and refuse one older than the server (SPEC §2, exit 5)."""
+def client_version(binary: str, variable: str, error: type[JobError]) -> tuple[str, int, str]:
+    """Resolve a PostgreSQL client program once: (path, major, `--version` text)."""
     path = shutil.which(binary)
     if path is None:
-        raise PgDumpError(f"pg_dump not found: {binary!r} (set PG_DUMP or install the client)")
+        name = Path(binary).name
+        raise error(f"{name} not found: {binary!r} (set {variable} or install the client)")
     try:
         out = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=30, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise PgDumpError(f"{path} --version failed: {exc}") from None
+        raise error(f"{path} --version failed: {exc}") from None
     match = _VERSION.search(out)
     if not match:
-        raise PgDumpError(f"cannot read the version of {path}: {out.strip()!r}")
-    major = int(match.group(1))
+        raise error(f"cannot read the version of {path}: {out.strip()!r}")
+    return path, int(match.group(1)), out.strip()
+
+
+def find(binary: str, server_major: int) -> PgDump:
+    """Resolve pg_dump once and refuse one older than the server (SPEC §2, exit 5)."""
+    path, major, version = client_version(binary, "PG_DUMP", PgDumpError)
     if major < server_major:
         raise PgDumpError(
             f"pg_dump {major} ({path}) is older than the server ({server_major}): use a "
             f"pg_dump of major {server_major} or newer (PG_DUMP, or the image's PG_MAJOR)"
         )
-    return PgDump(path=path, major=major, version=out.strip())
+    return PgDump(path=path, major=major, version=version)
 
 
 def compression(setting: str | None, pg_dump: PgDump) -> str:
@@ -80,16 +87,23 @@ def compress_flags(value: str, major: int) -> list[str]:
 
 
 def child_env(database_url: str | None, application_name: str) -> tuple[str | None, dict[str, str]]:
-    """The --dbname conninfo without the password, and the child's environment with it."""
+    """The --dbname conninfo without the password, and the child's environment with it.
+
+    pg_dump's server session checks that its client is alive, so that a pg_dump killed with
+    the job (while it waits for a lock, say) does not keep the scratch tables locked."""
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
     env["PGAPPNAME"] = application_name
+    check = f"-c client_connection_check_interval={CHECK_INTERVAL}"
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {check}".strip()
     if database_url is None:
         return None, env
     params = conninfo_to_dict(database_url)
     password = params.pop("password", None)
     if password is not None:
         env["PGPASSWORD"] = str(password)
+    if params.get("options"):
+        params["options"] = f"{params['options']} {check}"
     params.setdefault("application_name", application_name)
     return make_conninfo(**{k: str(v) for k, v in params.items()}), env
 
@@ -103,20 +117,21 @@ def run(
     pg_dump: PgDump,
     database_url: str | None,
     application_name: str,
-    schema: str,
+    schema: str | None,
     extensions: list[str],
     output: Path,
     extra: list[str] | None = None,
     compression: str | None = None,
 ) -> float:
-    """Dump the scratch schema into `output`; return the seconds it took."""
+    """Dump the scratch schema (None: the whole scratch database) into `output`; return
+    the seconds it took."""
     dbname, env = child_env(database_url, application_name)
     args = [
         pg_dump.path,
         "--format=custom",
         "--no-owner",
         "--no-acl",
-        f"--schema={pattern(schema)}",
+        *([f"--schema={pattern(schema)}"] if schema is not None else []),
         f"--file={output}",
         *[f"--extension={pattern(e)}" for e in extensions],
         *(compress_flags(compression, pg_dump.major) if compression else []),

@@ -34,6 +34,10 @@ class PgDumpError(JobError):
     exit_code = 5
 
 
+class PgRestoreError(PgDumpError):
+    """pg_restore is missing, too old for the dump, or failed (the same exit code as pg_dump)."""
+
+
 class PublishError(JobError):
     """The finished dump could not be moved into place."""
 

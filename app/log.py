@@ -42,6 +42,26 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class FieldsFilter(logging.Filter):
+    """Adds the same fields to every record (a record's own value wins)."""
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.fields.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def stamp(**fields: object) -> None:
+    """Every line from now on carries `fields`, e.g. the run's mode."""
+    for handler in log.handlers:
+        handler.addFilter(FieldsFilter(fields))
+
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 

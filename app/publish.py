@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,17 @@ def temp_prefix(dump_name: str) -> str:
 
 
 def remove_stale(storage_dir: Path, dump_name: str) -> list[Path]:
-    """Temporary files of a killed run of this dump; call only while holding the lock."""
+    """Temporary files of a killed run of this dump; call only while holding the lock.
+
+    Only names `create_temp` makes for this DUMP_NAME: the random part has no '-', so the
+    temp files of a dump named `<DUMP_NAME>-eu` (or of any other name) never match, and
+    glob characters in DUMP_NAME mean nothing."""
+    own = re.compile(re.escape(temp_prefix(dump_name)) + r"[a-z0-9_]{8}")
     removed = []
-    for path in storage_dir.glob(temp_prefix(dump_name) + "*"):
-        path.unlink(missing_ok=True)
-        removed.append(path)
+    for path in sorted(storage_dir.iterdir()):
+        if own.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 

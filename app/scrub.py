@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from app import ddl, parallel
+from app import ddl, parallel, pseudonym
 from app.errors import AllowListMismatch, ConfigError
 from app.log import log
 from app.plan import Plan, TablePlan
@@ -63,6 +63,9 @@ class TableResult:
     kept: list[str]
     faked: list[str]
     seconds: float
+    set_columns: list[str]
+    pseudonymised: list[str]
+    structure_only: bool
 
 
 Connect = Callable[[], psycopg.Connection[Any]]
@@ -76,9 +79,10 @@ class ScratchSchema:
         self,
         conn: psycopg.Connection[Any],
         plan: Plan,
+        pseudonym_key: str | None = None,
+        *,
         connect: Connect | None = None,
         connections: int = 1,
-        *,
         unlogged: bool = False,
         foreign_keys_not_valid: bool = False,
     ) -> None:
@@ -86,6 +90,7 @@ class ScratchSchema:
         self.plan = plan
         self.schema = plan.scratch_schema
         self.place = ddl.InScratchSchema(plan)
+        self.pseudonym_key = pseudonym_key
         self.connect = connect
         self.connections = max(1, connections) if connect else 1
         self.unlogged = unlogged
@@ -97,12 +102,15 @@ class ScratchSchema:
 
     def build(self) -> list[TableResult]:
         """Create, fill and index every table, add the foreign keys; the caller commits."""
+        if self.plan.needs_pseudonym_key and not self.pseudonym_key:
+            raise ConfigError("the allow list pseudonymises columns: set PSEUDONYM_KEY")
         started = time.monotonic()
         self._create()
         slices = self._slices() if self.connections > 1 else []
         if sum(len(chunks) for _, chunks in slices) <= 1:
             self.stages["prepare"] = round(time.monotonic() - started, 3)
             started = time.monotonic()
+            self._install_key(self.conn)
             results = [self._copy_whole(tp) for tp in self.plan.tables]
         else:
             self.conn.commit()
@@ -148,6 +156,12 @@ class ScratchSchema:
             "SELECT set_config('search_path', %s, true)",
             [self.place.search_path(self.plan.catalog)],
         )
+
+    def _install_key(self, conn: psycopg.Connection[Any]) -> None:
+        """For this transaction only: the pseudonym key, where the copy's statements read it."""
+        if self.plan.needs_pseudonym_key:
+            assert self.pseudonym_key is not None
+            pseudonym.install_key(conn, self.pseudonym_key)
 
     def _add_foreign_keys(self) -> None:
         """Every kept foreign key. One that holds on the source holds in the copy, made of
@@ -198,8 +212,10 @@ class ScratchSchema:
     def _copy_whole(self, tp: TablePlan) -> TableResult:
         """One table in the open transaction: its rows, its indexes, its sequences."""
         started = time.monotonic()
-        with ddl.explained(tp.table, "copying"):
-            rows = self.conn.execute(ddl.insert_rows(tp, self.place)).rowcount
+        rows = 0
+        if not tp.structure_only:  # no rows, its indexes all the same
+            with ddl.explained(tp.table, "copying"):
+                rows = self.conn.execute(ddl.insert_rows(tp, self.place)).rowcount
         copied = time.monotonic()
         self._index(self.conn, tp)
         return table_copied(tp, rows, started, index_seconds=time.monotonic() - copied)
@@ -243,6 +259,9 @@ class ScratchSchema:
         target = max(total / (2 * self.connections), MIN_SLICE_BYTES, 1)
         out: list[tuple[TablePlan, list[ddl.Chunk | None]]] = []
         for tp in tables:
+            if tp.structure_only:
+                out.append((tp, []))
+                continue
             parts = min(math.ceil(tp.table.size / target), 2 * self.connections)
             rows = 0.0
             if parts > 1 and tp.order_by and tp.table.relkind == "r":
@@ -283,6 +302,10 @@ class _ParallelCopy:
         tasks = [(tp.table.size / len(chunks), tp, c) for tp, chunks in slices for c in chunks]
         for _, tp, chunk in sorted(tasks, key=lambda t: t[0], reverse=True):
             self.pool.add(self._copy_task(tp, chunk))
+        for tp, chunks in slices:
+            if not chunks:  # structure only: no rows, its indexes all the same
+                self.started[tp.table.oid] = time.monotonic()
+                self.pool.add(self._index_task(tp))
 
     def run(self) -> list[TableResult]:
         self.pool.run()
@@ -291,12 +314,16 @@ class _ParallelCopy:
     def _copy_task(self, tp: TablePlan, chunk: ddl.Chunk | None) -> parallel.Task:
         return lambda conn: self._copy(conn, tp, chunk)
 
+    def _index_task(self, tp: TablePlan) -> parallel.Task:
+        return lambda conn: self._index(conn, tp)
+
     def _copy(self, conn: psycopg.Connection[Any], tp: TablePlan, chunk: ddl.Chunk | None) -> None:
         oid = tp.table.oid
         with self.guard:
             self.started.setdefault(oid, time.monotonic())
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
         self.scratch._set_path(conn)
+        self.scratch._install_key(conn)
         with ddl.explained(tp.table, "copying"):
             rows = conn.execute(ddl.insert_rows(tp, self.scratch.place, chunk)).rowcount
         conn.commit()
@@ -305,7 +332,7 @@ class _ParallelCopy:
             self.left[oid] -= 1
             last = self.left[oid] == 0
         if last:
-            self.pool.add(lambda conn: self._index(conn, tp), first=True)
+            self.pool.add(self._index_task(tp), first=True)
 
     def _index(self, conn: psycopg.Connection[Any], tp: TablePlan) -> None:
         started = time.monotonic()
@@ -329,6 +356,9 @@ def table_copied(
         kept=tp.kept,
         faked=tp.faked,
         seconds=round(time.monotonic() - started, 3),
+        set_columns=list(tp.set_values),
+        pseudonymised=tp.pseudonymised,
+        structure_only=tp.structure_only,
     )
     log.info(
         "table copied",
@@ -337,6 +367,9 @@ def table_copied(
             "rows": result.rows,
             "kept": result.kept,
             "faked": result.faked,
+            "set": result.set_columns,
+            "pseudonymised": result.pseudonymised,
+            "structure_only": result.structure_only,
             "seconds": result.seconds,
             **({} if index_seconds is None else {"index_seconds": round(index_seconds, 3)}),
         },

@@ -134,15 +134,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Whatever uses a server is an integration test, so `-m "not integration"` works.
 
     Tests marked `one_major` prove something the server's major does not change: they run
-    on the newest major of the run only, to keep the suite short."""
+    on the newest major of the run only, to keep the suite short. Tests marked
+    `edge_majors` are too slow for every major: they run on the oldest and the newest."""
     newest = None if EXTERNAL_URL else max(MAJORS)
+    edges = (None,) if EXTERNAL_URL else (min(MAJORS), max(MAJORS))
     keep, drop = [], []
     for item in items:
         if "pg_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
             callspec = getattr(item, "callspec", None)
             major = callspec.params.get("pg_server") if callspec else None
+            if EXTERNAL_URL and item.get_closest_marker("throwaway_clusters"):
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason="starts clusters of its own; not with TEST_DATABASE_URL"
+                    )
+                )
             if item.get_closest_marker("one_major") and major != newest:
+                drop.append(item)
+                continue
+            if item.get_closest_marker("edge_majors") and major not in edges:
                 drop.append(item)
                 continue
         keep.append(item)

@@ -37,6 +37,7 @@ def job_env(database_url: str, storage: Path, bindir: Path, **extra: str) -> dic
         DATABASE_URL=database_url,
         STORAGE_DIR=str(storage),
         PG_DUMP=str(bindir / "pg_dump"),
+        PG_RESTORE=str(bindir / "pg_restore"),
         LOG_FORMAT="json",
         CONNECT_ATTEMPTS="2",
         CONNECT_WAIT="0.1",

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from app.plan import MANIFEST_TABLE
 from tests import jobrun
 from tests.conftest import Server
 from tests.jobrun import SCRATCH
@@ -91,7 +92,8 @@ def test_unlisted_table_is_absent(dumped: Dumped) -> None:
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
         [SCRATCH],
     )
-    assert {t for (t,) in tables} == {_split(k)[1] for k in _listed()}
+    # The listed tables and the manifest that describes them, nothing else.
+    assert {t for (t,) in tables} == {_split(k)[1] for k in _listed()} | {MANIFEST_TABLE}
     assert "api_sessions" not in dumped.script
 
 

@@ -116,7 +116,7 @@ def test_every_connection_copies_from_the_snapshot_of_the_first(
         the_plan = plan.build(
             catalog.read(work, allowlist.load(config.allow_list), SCRATCH), SCRATCH
         )
-        scratch = ScratchSchema(work, the_plan, connect_after_a_commit, connections=3)
+        scratch = ScratchSchema(work, the_plan, connect=connect_after_a_commit, connections=3)
         try:
             results = scratch.build()
             work.commit()

@@ -79,6 +79,29 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        (None, "schema"),
+        ("  ", "schema"),
+        ("embedded", "embedded"),
+        ("EMBEDDED", "embedded"),
+        ("postgresql://scrub:pw@scratch-db/scratch", "database"),
+        ("host=scratch-db dbname=scratch", "database"),
+    ],
+)
+def test_scratch_database_url_picks_the_mode(value: str | None, mode: str) -> None:
+    c = config.load({} if value is None else {"SCRATCH_DATABASE_URL": value})
+    assert c.mode == mode
+    assert c.describe()["mode"] == mode
+    assert "pw" not in str(c.describe())
+
+
+def test_a_scratch_database_url_that_libpq_cannot_read_is_refused() -> None:
+    with pytest.raises(ConfigError, match="SCRATCH_DATABASE_URL"):
+        config.load({"SCRATCH_DATABASE_URL": "host=db dbname='unterminated"})
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [("", None), ("zstd", "zstd"), ("ZSTD:3", "zstd:3"), ("gzip:09", "gzip:9"), ("none", "none")],
 )

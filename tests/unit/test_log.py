@@ -46,3 +46,18 @@ def test_text_format_carries_the_fields(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().err
     assert "table copied" in out and "table=public.users" in out and "rows=3" in out
     logging.getLogger("sanitised_dump").handlers.clear()
+
+
+def test_stamped_fields_are_on_every_line_but_a_line_may_say_otherwise(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    log.setup("json", "INFO")
+    log.stamp(mode="embedded")
+    log.log.info("run started")
+    log.log.error("failed", extra={"exit_code": 4})
+    log.log.info("explicit", extra={"mode": "other"})
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["mode"] for line in lines] == ["embedded", "embedded", "other"]
+    log.setup("json", "INFO")  # a new setup starts without the stamp
+    log.log.info("fresh")
+    assert "mode" not in json.loads(capsys.readouterr().err)
