@@ -107,7 +107,7 @@ class UnderOriginalNames:
 @dataclass(frozen=True)
 class Chunk:
     """Rows `after` < n <= `last` (no upper bound when None) of a table numbered in
-    primary key order."""
+    primary key order; the bounds are estimates, the slices between them exact."""
 
     after: int
     last: int | None
@@ -234,37 +234,70 @@ def select_rows(tp: TablePlan, rows: Chunk | None = None) -> sql.Composed:
     column its fake. Only these values ever leave the source table. A structure-only table
     has none: its callers copy nothing.
 
-    `rows` keeps one slice of the numbered rows, so that several statements can copy one
-    table between them with the very numbers, and fakes, that one statement gives."""
+    `rows` keeps one slice of the rows numbered in primary key order, so that several
+    statements can copy one table between them with the very numbers, and fakes, that one
+    statement gives."""
     assert not tp.structure_only, f"{tp.table.qualified} is copied without rows"
     inserted = [c for c in tp.columns if c.expression is not None]
-    source = sql.Identifier(tp.table.schema, tp.table.name)
-    only = sql.SQL("ONLY ") if tp.table.relkind == "r" else sql.SQL("")
+    source = sql.SQL("{}{}").format(
+        sql.SQL("ONLY ") if tp.table.relkind == "r" else sql.SQL(""),
+        sql.Identifier(tp.table.schema, tp.table.name),
+    )
     needed = sql.SQL(", ").join(sql.Identifier(c.column.name) for c in inserted)
     where: sql.Composable = sql.SQL("")
     if tp.needs_row_number or rows is not None:
-        order = (
-            sql.SQL("ORDER BY {}").format(
-                sql.SQL(", ").join(sql.Identifier(c) for c in tp.order_by)
-            )
-            if tp.order_by
-            else sql.SQL("")
-        )
-        needed = sql.SQL("{}, row_number() OVER ({}) AS {}").format(
-            needed, order, sql.Identifier(tp.row_number)
-        )
-    if rows is not None:
-        number = sql.Identifier("s", tp.row_number)
-        where = sql.SQL(" WHERE {} > {}").format(number, sql.Literal(rows.after))
-        if rows.last is not None:
-            where = sql.SQL("{} AND {} <= {}").format(where, number, sql.Literal(rows.last))
-    return sql.SQL("SELECT {values} FROM (SELECT {needed} FROM {only}{source}) AS s{where}").format(
+        key = sql.SQL(", ").join(sql.Identifier(c) for c in tp.order_by)
+        order = sql.SQL("ORDER BY {}").format(key) if tp.order_by else sql.SQL("")
+        number = sql.SQL("row_number() OVER ({})").format(order)
+        if rows is not None:
+            assert tp.order_by, f"{tp.table.qualified} has no key to slice by"
+            number = sql.SQL("{} + {}").format(sql.Literal(rows.after), number)
+            where = _slice(tp, source, key, rows)
+        needed = sql.SQL("{}, {} AS {}").format(needed, number, sql.Identifier(tp.row_number))
+    return sql.SQL("SELECT {values} FROM (SELECT {needed} FROM {source}{where}) AS s").format(
         values=sql.SQL(", ").join(c.expression for c in inserted if c.expression),
         needed=needed,
-        only=only,
         source=source,
         where=where,
     )
+
+
+def _slice(
+    tp: TablePlan, source: sql.Composable, key: sql.Composable, rows: Chunk
+) -> sql.Composable:
+    """The key range of rows `after` + 1 to `last` in key order, found by the statement
+    itself (so in its own snapshot) on the primary key's index: above the key of row
+    `after`, and up to the key of row `last` or, when the table has fewer rows than the
+    estimate said, up to its largest key."""
+    nth = sql.SQL("SELECT {key} FROM {source} ORDER BY {key} OFFSET {skip} LIMIT 1")
+    bounds = []
+    if rows.after:
+        bounds.append(
+            sql.SQL("({key}) > ({nth})").format(
+                key=key, nth=nth.format(key=key, source=source, skip=sql.Literal(rows.after - 1))
+            )
+        )
+    if rows.last is not None:
+        rank = sql.Identifier(tp.row_number)
+        descending = sql.SQL(", ").join(
+            sql.SQL("{} DESC").format(sql.Identifier(c)) for c in tp.order_by
+        )
+        bounds.append(
+            sql.SQL(
+                "({key}) <= (SELECT {key} FROM ((SELECT 1 AS {rank}, {key} FROM {source} "
+                "ORDER BY {key} OFFSET {skip} LIMIT 1) UNION ALL (SELECT 2, {key} FROM {source} "
+                "ORDER BY {descending} LIMIT 1)) AS b ORDER BY {rank} LIMIT 1)"
+            ).format(
+                key=key,
+                rank=rank,
+                source=source,
+                skip=sql.Literal(rows.last - 1),
+                descending=descending,
+            )
+        )
+    if not bounds:
+        return sql.SQL("")
+    return sql.SQL(" WHERE {}").format(sql.SQL(" AND ").join(bounds))
 
 
 def inserted_columns(tp: TablePlan) -> list[Column]:

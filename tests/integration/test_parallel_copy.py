@@ -74,15 +74,25 @@ def test_every_connection_copies_from_the_snapshot_of_the_first(
     """Rows committed after the copy's snapshot, while the connections are being opened,
     are in no copied table, whichever connection copies it; a table copied in slices gets
     the very fakes one statement gives."""
-    sizes = {"a": 3000, "b": 2000, "c": 1000}
+    # The slices' bounds come from the row estimate of the last ANALYZE: too high for a
+    # (rows deleted since), too low for b (rows added since), right for c.
+    analyzed = {"a": 3000, "b": 1000, "c": 1000}
+    sizes = {"a": 1500, "b": 2000, "c": 1000}
     with psycopg.connect(source_db) as conn:
-        for table, rows in sizes.items():
+        for table, rows in analyzed.items():
             conn.execute(
                 sql.SQL(
                     "CREATE TABLE {t} (id int PRIMARY KEY, email text UNIQUE);"
                     "INSERT INTO {t} SELECT i, {t_} || i FROM generate_series(1, {n}) i;"
-                    "ANALYZE {t}"
-                ).format(t=sql.Identifier(table), t_=sql.Literal(table), n=sql.Literal(rows))
+                    "ANALYZE {t};"
+                    "DELETE FROM {t} WHERE id > {m};"
+                    "INSERT INTO {t} SELECT i, {t_} || i FROM generate_series({n} + 1, {m}) i;"
+                ).format(
+                    t=sql.Identifier(table),
+                    t_=sql.Literal(table),
+                    n=sql.Literal(rows),
+                    m=sql.Literal(sizes[table]),
+                )
             )
     if sliced:
         monkeypatch.setattr(scrub, "MIN_SLICE_BYTES", 0)
