@@ -8,11 +8,12 @@ writes, checksums) is kept in --workdir between runs, one database per scale. Ea
 runs every variant once, in an order that rotates from round to round, so that load from
 elsewhere on the machine hits them all alike:
 
-  A       pg_dump -Fc of exactly the allow-listed tables, pg_dump's default compression
-  A_eq    the same with the compression the job uses (when it differs)
-  B       the job end to end: python -m app dump
+  A         pg_dump -Fc of exactly the allow-listed tables, pg_dump's default compression
+  A_zstd1   the same with the compression the job uses (named after it)
+  B         the job end to end: python -m app dump
 
-Results go to OUT.json (every run) and OUT.md (medians and ratios).
+Results go to OUT.json (every run) and OUT.md (medians and ratios); docs/performance.md
+explains them.
 """
 
 from __future__ import annotations
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("BENCH_WORKDIR", "/var/tmp/sanitised-dump-bench")),  # noqa: S108
         help="where the cluster and its databases are kept between runs",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmark-results")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "results")
     parser.add_argument(
         "--job",
         action="append",
