@@ -465,7 +465,7 @@ def job_compression(env: dict[str, str]) -> str | None:
 
     if not hasattr(dump, "compression"):
         return None
-    loaded = config.load({**env, "DATABASE_URL": "x"})
+    loaded = config.load({**env, "DATABASE_URL": "dbname=x"})
     pg_dump = dump.PgDump(path="pg_dump", major=MAJOR, version="")
     return str(dump.compression(loaded.dump_compression, pg_dump))
 
