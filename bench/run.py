@@ -236,7 +236,8 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
         args += [*variant.args, f"--file={dump}", f"--dbname={ctx.source}"]
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert process.stderr is not None
-        stderr = process.stderr.read().decode()
+        with process.stderr:
+            stderr = process.stderr.read().decode()
         rss = wait_rss(process)
         seconds = time.monotonic() - started
         if process.returncode != 0:
@@ -264,7 +265,8 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
                 stderr=subprocess.PIPE,
             )
             assert process.stderr is not None
-            stderr_text = process.stderr.read().decode()
+            with process.stderr:
+                stderr_text = process.stderr.read().decode()
             rss = wait_rss(process)
             seconds = time.monotonic() - started
             if process.returncode != 0:
@@ -619,9 +621,6 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    # A kill stops the benchmark's server too, through the `with` below.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
     variants = parse_variants(args)
     storage = args.workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
@@ -656,4 +655,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A kill stops the benchmark's server too, through the `with` in main().
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

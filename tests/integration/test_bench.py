@@ -1,0 +1,48 @@
+"""The benchmark itself, at a tiny scale: it runs, and the job stays light on production."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.cluster import Cluster
+from bench import run
+from tests import pgbin
+
+
+@pytest.mark.one_major
+@pytest.mark.slow
+def test_benchmark_runs_and_reports_the_job_against_pg_dump(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    assert (
+        run.main(
+            [
+                "--scale",
+                "0.005",
+                "--rounds",
+                "1",
+                "--workdir",
+                str(tmp_path / "w"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.with_suffix(".json").read_text())
+    (scale,) = report["scales"]
+    medians = scale["medians"]
+    assert set(medians) == {"A", "B", "A_zstd1"}
+    job = medians["B"]
+    assert scale["source"]["tables"]["events"]["rows"] == 15000
+    assert job["job_rss_bytes"] < 100 * 2**20
+    # UNLOGGED scratch tables: the copy writes a small fraction of its size into the WAL.
+    assert job["wal_bytes"] < scale["source"]["table_bytes"] / 2
+    assert {"copy", "pg_dump", "drop_publish"} <= set(job["stages"])
+    assert set(scale["paired_ratios"]) == {"B/A", "B/A_zstd1"}
+    table = out.with_suffix(".md").read_text()
+    assert "| 0.005 |" in table and report["server"]["server_version"] in table
+    port = json.loads((tmp_path / "w" / "cluster.json").read_text())["port"]
+    assert not Cluster(pgbin.bindir(run.MAJOR), tmp_path / "w" / "pg", port).is_running()
