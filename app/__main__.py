@@ -40,7 +40,7 @@ from app.config import Config
 from app.errors import AllowListMismatch, ConfigError, DatabaseError, Interrupted, JobError
 from app.log import log
 from app.plan import KEPT, Plan, TablePlan, build, validate
-from app.scratch import Located, SchemaOnSource, Scratch, open_scratch
+from app.scratch import Located, Scratch, open_scratch
 from app.scrub import TableResult
 
 COMMANDS = ("dump", "check", "plan", "scan", "inspect", "restore")
@@ -316,9 +316,8 @@ def _dump(
     try:
         pg_dump = dump.find(config.pg_dump, scratch.server_major())
         compression = dump.compression(config.dump_compression, pg_dump)
-        if isinstance(scratch, SchemaOnSource):
-            # Only an archive whose layout is known can be made to restore like the source.
-            scratch.restore_like_source = toc.supported(pg_dump.major)
+        # Only an archive whose layout is known can be made to restore like the source.
+        scratch.restore_like_source = toc.supported(pg_dump.major)
         log.info(
             "run started",
             extra={
@@ -332,7 +331,9 @@ def _dump(
             },
         )
         db.take_lock(lock_conn, config.scratch_schema)
+        setup_started = time.monotonic()
         scratch.prepare()
+        setup_seconds = time.monotonic() - setup_started
         for stale in publish.remove_stale(config.storage_dir, config.dump_name):
             log.warning("removed a stale temporary file", extra={"path": str(stale)})
 
@@ -358,8 +359,7 @@ def _dump(
                 "seconds": round(dump_seconds, 3),
             },
         )
-        if isinstance(scratch, SchemaOnSource):
-            scratch.rewrite_dump(temp)
+        scratch.rewrite_dump(temp)
     except BaseException:
         if temp is not None:
             temp.unlink(missing_ok=True)
@@ -388,6 +388,7 @@ def _dump(
             "faked_columns": sum(len(r.faked) for r in results),
             "copy_seconds": round(copy_seconds, 3),
             "stage_seconds": {
+                "setup": round(setup_seconds, 3),
                 **_copy_stages(scratch, copy_seconds),
                 "pg_dump": round(dump_seconds, 3),
                 "drop_publish": round(time.monotonic() - dump_finished, 3),
@@ -401,8 +402,8 @@ def _dump(
 
 
 def _copy_stages(scratch: Scratch, seconds: float) -> dict[str, float]:
-    """The copy's steps where the scratch times them; `other` is the plan, scan, manifest."""
-    stages = dict(scratch.stages) if isinstance(scratch, SchemaOnSource) else {}
+    """The copy's steps as the scratch timed them; `other` is the plan, scan, manifest."""
+    stages = dict(scratch.stages)
     return {**stages, "other": round(seconds - sum(stages.values()), 3)}
 
 

@@ -62,6 +62,11 @@ class EmbeddedScratch:
             ) from None
         self.started = False
         self.database: ScratchDatabase | None = None
+        self.restore_like_source = False
+
+    @property
+    def stages(self) -> dict[str, float]:
+        return self.database.stages if self.database is not None else {}
 
     def server_major(self) -> int:
         try:
@@ -92,6 +97,7 @@ class EmbeddedScratch:
             "?hostaddr=127.0.0.1&sslmode=disable&gssencmode=disable"
         )
         self.database = ScratchDatabase(self.config, url, self.source, self.mode)
+        self.database.restore_like_source = self.restore_like_source
         self.database.prepare()
 
     def build(
@@ -111,6 +117,10 @@ class EmbeddedScratch:
     def dump_source(self) -> DumpSource:
         assert self.database is not None
         return self.database.dump_source()
+
+    def rewrite_dump(self, path: Path) -> None:
+        assert self.database is not None
+        self.database.rewrite_dump(path)
 
     def close(self) -> None:
         """Stop the server and remove its directory; then let the next run in."""

@@ -47,6 +47,14 @@ Inspect = Callable[[psycopg.Connection[Any], Located], None]
 class Scratch(Protocol):
     mode: str
     writes_source: bool  # the copy is made in the source, which then needs CREATE
+    # Set by the run once pg_dump is known, before `prepare`: whether its archive can be
+    # rewritten (app.toc), which lets the copy use UNLOGGED tables (and NOT VALID keys).
+    restore_like_source: bool
+
+    @property
+    def stages(self) -> dict[str, float]:
+        """Seconds of each step of the copy, for the run's last log line."""
+        ...
 
     def server_major(self) -> int:
         """The major of the server pg_dump reads, known before anything is written."""
@@ -72,6 +80,11 @@ class Scratch(Protocol):
         ...
 
     def dump_source(self) -> DumpSource: ...
+
+    def rewrite_dump(self, path: Path) -> None:
+        """Make the finished dump restore ordinary tables and checked foreign keys where
+        the copy used UNLOGGED tables or NOT VALID keys."""
+        ...
 
     def close(self) -> None:
         """Remove the copy; log, never raise, when that fails."""

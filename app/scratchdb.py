@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from app import db, ddl
+from app import db, ddl, toc
 from app import manifest as mf
 from app.config import Config
 from app.errors import ConfigError, JobError
@@ -76,6 +77,10 @@ class ScratchDatabase:
         self.conn: psycopg.Connection[Any] | None = None
         self.lock_conn: psycopg.Connection[Any] | None = None
         self.owned = False  # locked and checked: this run may empty it
+        self.stages: dict[str, float] = {}
+        self.restore_like_source = False
+        # UNLOGGED tables: nothing of the copy goes through the scratch server's WAL.
+        self.unlogged = False
 
     # -- the interface -----------------------------------------------------------------
 
@@ -145,6 +150,7 @@ class ScratchDatabase:
         """Everything in one transaction on the scratch side: a failure leaves it empty.
         The manifest goes into a schema of its own, as no table was renamed."""
         self.source = source
+        started = time.monotonic()
         conn = self._connection()
         place = ddl.UnderOriginalNames()
         catalog = plan.catalog
@@ -170,19 +176,24 @@ class ScratchDatabase:
             conn.execute(
                 "SELECT setval(%s::regclass, %s, %s)", [copy.as_string(conn), row[0], row[1]]
             )
+        self.unlogged = self.config.scratch_unlogged and self.restore_like_source
         for tp in plan.tables:
-            for statement in ddl.create_table(tp, place):
+            for statement in ddl.create_table(tp, place, unlogged=self.unlogged):
                 conn.execute(statement)
+        started = self._timed("prepare", started)
         results = [self._copy(source, conn, tp, place) for tp in plan.tables]
+        started = self._timed("copy", started)
         for tp in plan.tables:
             with ddl.explained(tp.table, "indexing"):
                 for statement in ddl.index(tp, place):
                     conn.execute(statement)
+        started = self._timed("indexes", started)
         for tp in plan.tables:
             for fk in tp.foreign_keys:
                 if fk.kept:
                     with ddl.explained(tp.table, "adding foreign keys to"):
                         conn.execute(ddl.foreign_key(plan, tp, fk, place))
+        self._timed("foreign_keys", started)
         inspect(conn, place.table)
         contents = mf.collect(
             plan,
@@ -208,6 +219,11 @@ class ScratchDatabase:
     def dump_source(self) -> DumpSource:
         return DumpSource(self.url, None)
 
+    def rewrite_dump(self, path: Path) -> None:
+        if self.unlogged:
+            rewritten = toc.rewrite(path, [])
+            log.info("dump set to restore ordinary tables", extra={"tables": rewritten.tables})
+
     def close(self) -> None:
         try:
             if self.conn is not None and not self.conn.broken:
@@ -226,6 +242,12 @@ class ScratchDatabase:
                     conn.close()
 
     # -- the copy ------------------------------------------------------------------------
+
+    def _timed(self, stage: str, started: float) -> float:
+        """Record the seconds since `started` as `stage`; return the time now."""
+        now = time.monotonic()
+        self.stages[stage] = round(now - started, 3)
+        return now
 
     def _copy(
         self,

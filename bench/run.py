@@ -10,8 +10,13 @@ elsewhere on the machine hits them all alike:
 
   A         pg_dump -Fc of exactly the allow-listed tables, pg_dump's default compression
   A_zstd1   the same with the compression the job uses (named after it)
-  B         the job end to end: python -m app dump
+  B         the job end to end: python -m app dump (scratch schema on the source)
+  B_scratchdb  the same with SCRATCH_DATABASE_URL=same-server: the copy is built in an
+            empty database of the benchmark's own cluster, the source is only read
+  B_embedded   the same with SCRATCH_DATABASE_URL=embedded: a throwaway server of the
+            job's own, under the storage folder
 
+`same-server` is the benchmark's stand-in for the URL of that database (bench_scratch).
 Results go to OUT.json (every run) and OUT.md (medians and ratios); docs/performance.md
 explains them.
 """
@@ -61,6 +66,16 @@ SERVER_SETTINGS = {
     "checkpoint_timeout": "30min",
     "log_checkpoints": "on",
 }
+SAME_SERVER = "same-server"  # SCRATCH_DATABASE_URL: an empty database of the bench cluster
+SCRATCH_DATABASE = "bench_scratch"
+
+
+# The job in its three modes (README: "Three modes").
+DEFAULT_JOBS = [
+    "B",
+    f"B_scratchdb:SCRATCH_DATABASE_URL={SAME_SERVER}",
+    "B_embedded:SCRATCH_DATABASE_URL=embedded",
+]
 
 
 @dataclass
@@ -255,6 +270,8 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
                 LOG_FORMAT="json",
                 **variant.env,
             )
+            if env.get("SCRATCH_DATABASE_URL") == SAME_SERVER:
+                env["SCRATCH_DATABASE_URL"] = scratch_database(ctx.server)
             cwd = ctx.checkouts.get(variant.rev or "", REPO)
             process = subprocess.Popen(
                 [sys.executable, str(REPO / "bench" / "rss.py"), peak_file.name, "dump"],
@@ -285,6 +302,18 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
         result.update(restore(ctx, dump))
     dump.unlink()
     return result
+
+
+def scratch_database(server: Server) -> str:
+    """The URL of bench_scratch on the benchmark's cluster, created empty if missing (the
+    job empties it at the start of a run and leaves it empty)."""
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        found = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [SCRATCH_DATABASE]
+        ).fetchone()
+        if not found:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH_DATABASE)))
+    return server.url(SCRATCH_DATABASE)
 
 
 def restore(ctx: Context, dump: Path) -> dict[str, Any]:
@@ -467,7 +496,10 @@ def job_compression(env: dict[str, str]) -> str | None:
 
     if not hasattr(dump, "compression"):
         return None
-    loaded = config.load({**env, "DATABASE_URL": "dbname=x"})
+    settings = {**env, "DATABASE_URL": "dbname=x"}
+    if settings.get("SCRATCH_DATABASE_URL") == SAME_SERVER:
+        settings["SCRATCH_DATABASE_URL"] = f"dbname={SCRATCH_DATABASE}"
+    loaded = config.load(settings)
     pg_dump = dump.PgDump(path="pg_dump", major=MAJOR, version="")
     return str(dump.compression(loaded.dump_compression, pg_dump))
 
@@ -502,7 +534,7 @@ def parse_variants(args: argparse.Namespace) -> list[Variant]:
     for spec in args.dump or []:
         name, _, flags = spec.partition("=")
         variants.append(Variant(name, "pg_dump", args=flags.split()))
-    jobs = args.job or ["B"]
+    jobs = args.job or DEFAULT_JOBS
     for spec in jobs:
         head, _, settings = spec.partition(":")
         name, _, rev = head.partition("@")
@@ -573,14 +605,20 @@ def render(report: dict[str, Any]) -> str:
         "(pg_dump's in brackets). WAL is what the source wrote during the run "
         "(`pg_current_wal_insert_lsn()` before and after), as a share of the listed tables' "
         "size; peak extra disk is the largest growth of the data directory, WAL included, "
-        "sampled every 0.2 s. Stages, from the job's last log line: plan = catalog and plan, "
-        "prepare = scratch schema and empty tables, copy = rows, indexes and sequences of "
-        "every table (wall clock, connections in parallel), foreign_keys, pg_dump, "
-        "drop_publish = dropping the scratch schema and the atomic publish; inserts_sum and "
-        "indexes_sum add up the seconds each table took on its connection. pg_restore (with "
-        "--restore) is the developer's side: a restore into an empty database of the same "
-        "server. A job too old to log its stages gets them from its other log lines: copy = "
-        "the INSERTs, index = indexes, foreign keys and commit, other = the rest.",
+        "sampled every 0.2 s. B_scratchdb builds its copy in another database of the same "
+        "cluster, so its WAL and disk are the scratch database's writes (the source itself "
+        "writes nothing: a separate server would see none of them); B_embedded builds it in "
+        "a throwaway server under the storage folder, outside the measured data directory. "
+        "Stages, from the job's last log line: setup = lock, leftovers and the embedded "
+        "server's start, prepare = scratch schema (or database) and empty tables, copy = "
+        "rows (in the default mode with indexes and sequences, connections in parallel), "
+        "indexes (scratch-database modes), foreign_keys, other = catalog, plan, scan and "
+        "manifest, pg_dump, drop_publish = dropping the copy and the atomic publish; "
+        "inserts_sum and indexes_sum add up the seconds each table took on its connection. "
+        "pg_restore (with --restore) is the developer's side: a restore into an empty "
+        "database of the same server. A job too old to log its stages gets them from its "
+        "other log lines: copy = the INSERTs, index = indexes, foreign keys and commit, "
+        "other = the rest.",
         "",
     ]
     return "\n".join(lines)
@@ -603,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         "--job",
         action="append",
         metavar="NAME[@REV][:VAR=VALUE,...]",
-        help="a job variant (default: B with the job's defaults); repeatable",
+        help="a job variant (default: B, B_scratchdb and B_embedded, the three modes); repeatable",
     )
     parser.add_argument(
         "--dump", action="append", metavar="NAME=FLAGS", help="an extra pg_dump variant"

@@ -46,7 +46,9 @@ def main() -> int:
         dump = storage / "sanitised.dump"
         print(f"\npublished {dump} ({dump.stat().st_size} bytes)")
         print(
-            f"restore it: {bindir / 'pg_restore'} --no-owner --exit-on-error -d <empty db> {dump}"
+            f"restore it into an empty database under the original names:\n"
+            f"  PG_RESTORE={bindir / 'pg_restore'} {sys.executable} -m app restore "
+            f"--dump {dump} --target postgresql://<user>@<host>/<empty db>"
         )
     return code
 

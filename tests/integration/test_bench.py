@@ -34,14 +34,22 @@ def test_benchmark_runs_and_reports_the_job_against_pg_dump(tmp_path: Path) -> N
     report = json.loads(out.with_suffix(".json").read_text())
     (scale,) = report["scales"]
     medians = scale["medians"]
-    assert set(medians) == {"A", "B", "A_zstd1"}
+    # The job in its three modes, beside the raw dump at both compressions.
+    assert set(medians) == {"A", "B", "B_scratchdb", "B_embedded", "A_zstd1"}
     job = medians["B"]
     assert scale["source"]["tables"]["events"]["rows"] == 15000
     assert job["job_rss_bytes"] < 100 * 2**20
     # UNLOGGED scratch tables: the copy writes a small fraction of its size into the WAL.
     assert job["wal_bytes"] < scale["source"]["table_bytes"] / 2
     assert {"copy", "pg_dump", "drop_publish"} <= set(job["stages"])
-    assert set(scale["paired_ratios"]) == {"B/A", "B/A_zstd1"}
+    for mode in ("B_scratchdb", "B_embedded"):
+        assert {"setup", "prepare", "copy", "indexes", "pg_dump"} <= set(medians[mode]["stages"])
+        assert medians[mode]["job_rss_bytes"] < 100 * 2**20
+    # The embedded server is not the source's cluster: the source writes next to nothing.
+    assert medians["B_embedded"]["wal_bytes"] < scale["source"]["table_bytes"] / 20
+    assert set(scale["paired_ratios"]) == {
+        f"{job}/{dump}" for job in ("B", "B_scratchdb", "B_embedded") for dump in ("A", "A_zstd1")
+    }
     table = out.with_suffix(".md").read_text()
     assert "| 0.005 |" in table and report["server"]["server_version"] in table
     port = json.loads((tmp_path / "w" / "cluster.json").read_text())["port"]

@@ -45,9 +45,12 @@ def _wal_since(url: str, start: str) -> int:
     return int(rows[0][0])
 
 
+@pytest.mark.parametrize("mode", ["schema", "database"])
 def test_unlogged_copy_writes_little_wal_and_restores_like_the_source(
-    pg_server: Server, source_db: str, tmp_path: Path
+    pg_server: Server, source_db: str, tmp_path: Path, mode: str
 ) -> None:
+    """In the default mode the WAL is the source's; with SCRATCH_DATABASE_URL (a database of
+    the same cluster here) it is the scratch server's, as the source is only read."""
     with psycopg.connect(source_db) as conn:
         conn.execute(SOURCE)
     heap = int(
@@ -55,17 +58,22 @@ def test_unlogged_copy_writes_little_wal_and_restores_like_the_source(
     )
     allow = tmp_path / "allow.json"
     allow.write_text(json.dumps(ALLOW))
+    schema = SCRATCH if mode == "schema" else "public"
     wal = {}
     for unlogged in ("true", "false"):
         storage = tmp_path / unlogged
         storage.mkdir()
-        env = jobrun.job_env(
-            source_db, storage, pg_server.bindir, ALLOW_LIST=str(allow), SCRATCH_UNLOGGED=unlogged
-        )
+        extra = {"ALLOW_LIST": str(allow), "SCRATCH_UNLOGGED": unlogged}
+        scratch = pg_server.create_database() if mode == "database" else None
+        if scratch:
+            extra["SCRATCH_DATABASE_URL"] = scratch
+        env = jobrun.job_env(source_db, storage, pg_server.bindir, **extra)
         start = _wal_lsn(source_db)
         result = jobrun.run(env, "dump")
         wal[unlogged] = _wal_since(source_db, start)
         assert result.returncode == 0, result.stderr
+        if scratch:
+            pg_server.drop_database(scratch.rsplit("/", 1)[1])
         target = pg_server.create_database()
         try:
             restored = jobrun.restore(pg_server.bindir, storage / "sanitised.dump", target)
@@ -75,7 +83,7 @@ def test_unlogged_copy_writes_little_wal_and_restores_like_the_source(
                 "SELECT c.relname, c.relkind, c.relpersistence FROM pg_class c"
                 " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
                 " ORDER BY 1",
-                [SCRATCH],
+                [schema],
             )
             foreign_keys = jobrun.rows(
                 target,
@@ -83,8 +91,8 @@ def test_unlogged_copy_writes_little_wal_and_restores_like_the_source(
             )
             counts = jobrun.rows(
                 target,
-                f"SELECT (SELECT count(*) FROM {SCRATCH}.accounts),"
-                f" (SELECT count(*) FROM {SCRATCH}.visits)",
+                f"SELECT (SELECT count(*) FROM {schema}.accounts),"
+                f" (SELECT count(*) FROM {schema}.visits)",
             )
         finally:
             pg_server.drop_database(target.rsplit("/", 1)[1])
