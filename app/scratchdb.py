@@ -182,6 +182,9 @@ class ScratchDatabase:
                 conn.execute(statement)
         started = self._timed("prepare", started)
         results = [self._copy(source, conn, tp, place) for tp in plan.tables]
+        # The rows are in: the snapshot is no longer needed, so a hot standby need not hold
+        # back its replay (or cancel the run) while the indexes are built.
+        _release(source)
         started = self._timed("copy", started)
         for tp in plan.tables:
             with ddl.explained(tp.table, "indexing"):
@@ -207,8 +210,7 @@ class ScratchDatabase:
         )
         mf.write(conn, mf.HOME, contents)
         conn.commit()
-        with contextlib.suppress(psycopg.Error):
-            source.rollback()  # the snapshot is no longer needed: let the standby go on
+        _release(source)  # the manifest's reads of the catalog
         return results
 
     def reset(self) -> None:
@@ -295,6 +297,12 @@ class ScratchDatabase:
         if self.conn is None or self.conn.closed:
             self.conn = db.connect(self.config, url=self.url, what=WHAT, variable=VARIABLE)
         return self.conn
+
+
+def _release(source: psycopg.Connection[Any]) -> None:
+    """End the source's transaction, and with it its snapshot."""
+    with contextlib.suppress(psycopg.Error):
+        source.rollback()
 
 
 def _identity(conn: psycopg.Connection[Any]) -> dict[str, Any]:

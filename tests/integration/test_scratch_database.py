@@ -22,7 +22,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from app import db, scratchdb
+from app import allowlist, catalog, db, plan, scratchdb
+from app import config as configuration
 from tests import jobrun, pgbin, replica
 from tests.conftest import Server
 from tests.seed import demo
@@ -718,3 +719,46 @@ def test_a_run_writes_nothing_to_the_source_beyond_what_reads_do(
     # with these 1,760 rows the catalog's changes are most of what is left.
     assert on_scratch["true"] < on_scratch["false"]
     assert catalog_of(source.primary("demo")) == before
+
+
+# -- how long the source's snapshot is held -----------------------------------------------
+
+
+@pytest.mark.one_major
+def test_the_snapshot_on_the_standby_ends_once_the_rows_are_in(
+    source: Source, tmp_path: Path
+) -> None:
+    """Indexes, foreign keys and the scan of the copy run on the scratch side only: by then
+    the standby's transaction is over, so replay neither waits for it nor cancels it."""
+    allow = tmp_path / "allow.json"
+    allow.write_text(json.dumps(demo.allow_list()), encoding="utf-8")
+    config = configuration.load({"DATABASE_URL": source.standby("demo"), "ALLOW_LIST": str(allow)})
+    scratch_url = source.primary(source.create_database("scratch"))
+    states: list[tuple[psycopg.pq.TransactionStatus, int]] = []
+
+    def inspect(conn: psycopg.Connection[Any], located: Any) -> None:
+        # The copy as it stands on the scratch side (not committed yet), and the standby's.
+        (indexes,) = conn.execute(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname IN ('public', 'billing')"
+        ).fetchone() or (0,)
+        states.append((work.info.transaction_status, indexes))
+
+    with db.connect(config) as work:
+        scratch = scratchdb.ScratchDatabase(config, scratch_url, work)
+        try:
+            scratch.prepare()
+            work.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            work.read_only = True
+            the_plan = plan.build(
+                catalog.read(work, allowlist.load(config.allow_list), config.scratch_schema),
+                config.scratch_schema,
+            )
+            assert work.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            results = scratch.build(work, the_plan, "0" * 64, inspect)
+        finally:
+            scratch.close()
+    assert sum(r.rows for r in results) == 1760
+    # Called once the indexes were built; the standby's transaction had ended by then.
+    ((status, indexes),) = states
+    assert indexes >= len(demo.allow_list())  # a primary key per table at least
+    assert status == psycopg.pq.TransactionStatus.IDLE
