@@ -215,11 +215,65 @@ def checkpoint(url: str) -> None:
         conn.execute("CHECKPOINT")
 
 
-def wait_rss(process: subprocess.Popen[bytes]) -> int:
-    """Wait for the child; return the peak RSS of it and the children it waited for."""
-    _pid, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss * 1024
+class PeakWatch(threading.Thread):
+    """Samples the peak RSS (`VmHWM`) of a process and of every pg_dump under it until it
+    ends. getrusage's ru_maxrss cannot tell: a child's count starts at the RSS of the
+    process that forked it (Linux records the old memory's peak at exec), so it says the
+    size of the benchmark, or of the job, for a small pg_dump."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.root = 0
+        self.pg_dump = 0
+        self._done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.interval)
+
+    def sample(self) -> None:
+        self.root = max(self.root, _hwm(self.pid))
+        for pid in _descendants(self.pid):
+            if _comm(pid) == "pg_dump":
+                self.pg_dump = max(self.pg_dump, _hwm(pid))
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def _hwm(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _comm(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    out += [int(child), *_descendants(int(child))]
+    return out
+
+
+def wait_rss(process: subprocess.Popen[bytes], watch: PeakWatch) -> None:
+    """Wait for the child, sampling its peak RSS (and its pg_dump's) until it exits."""
+    process.wait()
+    watch.finish()
 
 
 @dataclass
@@ -250,14 +304,15 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
         args += [f"--table={t}" for t in ctx.tables]
         args += [*variant.args, f"--file={dump}", f"--dbname={ctx.source}"]
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        watch = PeakWatch(process.pid)
         assert process.stderr is not None
         with process.stderr:
             stderr = process.stderr.read().decode()
-        rss = wait_rss(process)
+        wait_rss(process, watch)
         seconds = time.monotonic() - started
         if process.returncode != 0:
             raise RuntimeError(f"pg_dump failed: {stderr}")
-        result["rss_bytes"] = rss
+        result["rss_bytes"] = watch.root
     else:
         with tempfile.NamedTemporaryFile(suffix=".json") as peak_file:
             env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -281,18 +336,19 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
+            watch = PeakWatch(process.pid)
             assert process.stderr is not None
             with process.stderr:
                 stderr_text = process.stderr.read().decode()
-            rss = wait_rss(process)
+            wait_rss(process, watch)
             seconds = time.monotonic() - started
             if process.returncode != 0:
                 raise RuntimeError(f"the job failed ({process.returncode}):\n{stderr_text}")
             peak = json.loads(Path(peak_file.name).read_text())
         logs = [json.loads(x) for x in stderr_text.splitlines() if x.startswith("{")]
-        result["rss_bytes"] = rss
         result["job_rss_bytes"] = peak["self"]
-        result["pg_dump_rss_bytes"] = peak["children"]
+        result["pg_dump_rss_bytes"] = watch.pg_dump
+        result["rss_bytes"] = max(peak["self"], watch.pg_dump)
         result["stages"] = stages(logs, seconds)
     result["peak_extra_disk_bytes"] = disk.finish()
     result["wal_bytes"] = wal_bytes(admin, lsn, wal_lsn(admin))
