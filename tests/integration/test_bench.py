@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ from tests import pgbin
 @pytest.mark.one_major
 @pytest.mark.slow
 @pytest.mark.throwaway_clusters
+@pytest.mark.skipif(
+    bool(os.environ.get("TEST_DATABASE_URL")),
+    reason="starts a cluster of its own; not with TEST_DATABASE_URL",
+)
 def test_benchmark_runs_and_reports_the_job_against_pg_dump(tmp_path: Path) -> None:
     out = tmp_path / "results"
     assert (
