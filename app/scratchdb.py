@@ -79,8 +79,11 @@ class ScratchDatabase:
         self.owned = False  # locked and checked: this run may empty it
         self.stages: dict[str, float] = {}
         self.restore_like_source = False
-        # UNLOGGED tables: nothing of the copy goes through the scratch server's WAL.
-        self.unlogged = False
+
+    @property
+    def unlogged(self) -> bool:
+        """UNLOGGED tables: nothing of the copy goes through the scratch server's WAL."""
+        return self.config.scratch_unlogged and self.restore_like_source
 
     # -- the interface -----------------------------------------------------------------
 
@@ -176,7 +179,6 @@ class ScratchDatabase:
             conn.execute(
                 "SELECT setval(%s::regclass, %s, %s)", [copy.as_string(conn), row[0], row[1]]
             )
-        self.unlogged = self.config.scratch_unlogged and self.restore_like_source
         for tp in plan.tables:
             for statement in ddl.create_table(tp, place, unlogged=self.unlogged):
                 conn.execute(statement)

@@ -24,15 +24,15 @@ def main() -> None:
     try:
         runpy.run_module("app", run_name="__main__", alter_sys=True)
     finally:
-        peak = {"self": _hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        peak = {"self": peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         with open(out, "w", encoding="utf-8") as handle:
             json.dump(peak, handle)
 
 
-def _hwm() -> int:
-    """This process's peak resident memory, in bytes (0 where /proc has no VmHWM)."""
+def peak_rss(pid: int | str = "self") -> int:
+    """A process's peak resident memory (`VmHWM`), in bytes; 0 where /proc has none."""
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024

@@ -48,6 +48,7 @@ from psycopg import sql
 
 from app.cluster import Cluster, pick_free_port
 from bench import generate
+from bench.rss import peak_rss
 from tests import pgbin
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,22 +237,16 @@ class PeakWatch(threading.Thread):
             self._done.wait(self.interval)
 
     def sample(self) -> None:
-        self.root = max(self.root, _hwm(self.pid))
+        self.root = max(self.root, peak_rss(self.pid))
         for pid in _descendants(self.pid):
             if _comm(pid) == "pg_dump":
-                self.pg_dump = max(self.pg_dump, _hwm(pid))
+                self.pg_dump = max(self.pg_dump, peak_rss(pid))
 
-    def finish(self) -> None:
+    def wait(self, process: subprocess.Popen[bytes]) -> None:
+        """Wait for the process, sampling until it exits."""
+        process.wait()
         self._done.set()
         self.join()
-
-
-def _hwm(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _comm(pid: int) -> str:
@@ -268,12 +263,6 @@ def _descendants(pid: int) -> list[int]:
                 for child in (task / "children").read_text().split():
                     out += [int(child), *_descendants(int(child))]
     return out
-
-
-def wait_rss(process: subprocess.Popen[bytes], watch: PeakWatch) -> None:
-    """Wait for the child, sampling its peak RSS (and its pg_dump's) until it exits."""
-    process.wait()
-    watch.finish()
 
 
 @dataclass
@@ -308,7 +297,7 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
         assert process.stderr is not None
         with process.stderr:
             stderr = process.stderr.read().decode()
-        wait_rss(process, watch)
+        watch.wait(process)
         seconds = time.monotonic() - started
         if process.returncode != 0:
             raise RuntimeError(f"pg_dump failed: {stderr}")
@@ -340,7 +329,7 @@ def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
             assert process.stderr is not None
             with process.stderr:
                 stderr_text = process.stderr.read().decode()
-            wait_rss(process, watch)
+            watch.wait(process)
             seconds = time.monotonic() - started
             if process.returncode != 0:
                 raise RuntimeError(f"the job failed ({process.returncode}):\n{stderr_text}")
