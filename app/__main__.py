@@ -498,12 +498,7 @@ def _copy(
                 source.conn.rollback()
             scratch.reset()
             if attempt >= RECOVERY_ATTEMPTS:
-                raise DatabaseError(
-                    f"the hot standby cancelled the copy {attempt} times to replay changes "
-                    "from the primary (conflict with recovery): set hot_standby_feedback = on "
-                    "on the standby, or raise its max_standby_streaming_delay above the "
-                    "copy's duration, or read from the primary"
-                ) from None
+                raise db.conflict_error("the copy", attempt) from None
             log.warning(
                 "the standby cancelled the copy (conflict with recovery): copying again "
                 "from a fresh snapshot",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -26,6 +27,10 @@ from app.log import log
 # rolls back, so the next run, waiting at most LOCK_TIMEOUT on the scratch schema's name or
 # tables, is not blocked by it.
 CHECK_INTERVAL = "1s"
+
+# Times a hot standby may cancel a short read of the source (a catalog or statistics
+# query, the lock) before the run gives up; the copy itself is retried whole, by its caller.
+SHORT_READ_ATTEMPTS = 5
 
 
 def connect(
@@ -72,7 +77,8 @@ def connect(
             f"cannot connect to {what} after {config.connect_attempts} attempts: "
             f"{_first_line(exc)} (check {variable})"
         ) from None
-    try:
+
+    def set_up() -> None:
         conn.execute("SELECT set_config('lock_timeout', %s, false)", [config.lock_timeout])
         if conn.info.server_version >= 140000:
             conn.execute(
@@ -81,9 +87,15 @@ def connect(
             )
         if not autocommit:
             conn.commit()
+
+    try:
+        read_through_conflicts(conn, set_up)
     except psycopg.Error as exc:
         conn.close()
         raise DatabaseError(f"cannot set up the session: {_first_line(exc)}") from None
+    except DatabaseError:
+        conn.close()
+        raise
     return conn
 
 
@@ -96,7 +108,10 @@ def lock_key(scope: str) -> int:
 def take_lock(conn: psycopg.Connection[Any], scope: str) -> None:
     """Session-level advisory lock on an idle connection of its own: it is released when
     the job ends, however it ends, and never waits."""
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", [lock_key(scope)]).fetchone()
+    row = read_through_conflicts(
+        conn,
+        lambda: conn.execute("SELECT pg_try_advisory_lock(%s)", [lock_key(scope)]).fetchone(),
+    )
     if not row or not row[0]:
         raise LockHeld(
             f"another run holds the lock for scratch schema {scope!r} on this database: "
@@ -144,6 +159,38 @@ def is_recovery_conflict(exc: BaseException) -> bool:
     return "conflict with recovery" in str(exc)
 
 
+def conflict_error(what: str, times: int) -> DatabaseError:
+    """The standby kept cancelling `what`: say what to set."""
+    return DatabaseError(
+        f"the hot standby cancelled {what} {times} times to replay changes from the primary "
+        "(conflict with recovery): set hot_standby_feedback = on on the standby, or raise "
+        "its max_standby_streaming_delay above the copy's duration, or read from the primary"
+    )
+
+
+def read_through_conflicts[T](conn: psycopg.Connection[Any], read: Callable[[], T]) -> T:
+    """Run a short read of the source again when a hot standby cancelled it to replay the
+    primary's changes: a standby that cancels at once may hit any query, however short.
+    `conn` must hold no transaction worth keeping: a cancelled one is rolled back."""
+    attempt = 1
+    while True:
+        try:
+            return read()
+        except psycopg.Error as exc:
+            if not is_recovery_conflict(exc) or conn.broken:
+                raise
+            if attempt >= SHORT_READ_ATTEMPTS:
+                raise conflict_error("a read of the source", attempt) from None
+            if not conn.autocommit:
+                conn.rollback()
+            log.warning(
+                "the standby cancelled a read (conflict with recovery): reading again",
+                extra={"attempt": attempt, "of": SHORT_READ_ATTEMPTS},
+            )
+            time.sleep(0.1 * attempt)
+            attempt += 1
+
+
 RECOVERY_CONFLICTS = """
 SELECT CASE WHEN pg_is_in_recovery() THEN
        (SELECT confl_tablespace + confl_lock + confl_snapshot + confl_bufferpin + confl_deadlock
@@ -154,7 +201,7 @@ SELECT CASE WHEN pg_is_in_recovery() THEN
 def recovery_conflicts(conn: psycopg.Connection[Any]) -> int | None:
     """Queries the standby has cancelled or ended so far in this database; None on a
     primary. Read on an idle autocommit connection, which no such conflict ends."""
-    row = conn.execute(RECOVERY_CONFLICTS).fetchone()
+    row = read_through_conflicts(conn, lambda: conn.execute(RECOVERY_CONFLICTS).fetchone())
     return None if row is None or row[0] is None else int(row[0])
 
 

@@ -97,7 +97,7 @@ class ScratchDatabase:
             self.config, autocommit=True, url=self.url, what=WHAT, variable=VARIABLE
         )
         here = _identity(conn)
-        there = _identity(self.source)
+        there = db.read_through_conflicts(self.source, lambda: _identity(self.source))
         self.source.rollback()
         if here["system"] == there["system"] and (
             here["oid"] == there["oid"] or here["datname"] == there["datname"]

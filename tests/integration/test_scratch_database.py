@@ -24,6 +24,7 @@ from psycopg import sql
 
 from app import allowlist, catalog, db, plan, scratchdb
 from app import config as configuration
+from app.errors import DatabaseError
 from tests import jobrun, pgbin, replica
 from tests.conftest import Server
 from tests.seed import demo
@@ -626,10 +627,63 @@ def test_a_copy_cancelled_every_time_says_what_to_set(
     assert result.returncode == 4, result.stderr
     message = result.logs[-1]["message"]
     assert "hot_standby_feedback" in message and "max_standby_streaming_delay" in message
-    warnings = [m for m in result.logs if m["message"].startswith("the standby cancelled")]
+    warnings = [m for m in result.logs if m["message"].startswith("the standby cancelled the copy")]
     assert len(warnings) == 2
     assert jobrun.rows(source.primary(scratch), USER_RELATIONS) == [(0,)]
     assert sorted(storage.iterdir()) == []
+
+
+def _read_on_the_standby(conn: psycopg.Connection[Any], cancelled: int) -> Any:
+    """A read whose first `cancelled` calls hold a snapshot until the standby cancels them
+    (the primary's vacuum removes rows it may see), the next ones quick."""
+    calls: list[int] = []
+
+    def read() -> tuple[int, int]:
+        calls.append(len(calls) + 1)
+        if len(calls) <= cancelled:
+            conn.execute("SELECT pg_sleep(30)")
+        row = conn.execute("SELECT count(*) FROM slow").fetchone()
+        assert row is not None
+        return len(calls), row[0]
+
+    return read
+
+
+def test_a_short_read_the_standby_cancels_is_read_again(
+    source: Source, impatient_standby: None
+) -> None:
+    """Any query on a standby that cancels at once may be hit, however short: the job's
+    reads before and around the copy (session set-up, lock, identity) are read again."""
+    with psycopg.connect(source.standby("slow")) as conn, Conflicts(source):
+        calls, rows = db.read_through_conflicts(conn, _read_on_the_standby(conn, cancelled=2))
+    assert calls >= 3 and rows == 500
+
+
+def test_a_short_read_cancelled_every_time_says_what_to_set(
+    source: Source, impatient_standby: None
+) -> None:
+    with psycopg.connect(source.standby("slow"), autocommit=True) as conn, Conflicts(source):
+        read = _read_on_the_standby(conn, cancelled=db.SHORT_READ_ATTEMPTS)
+        with pytest.raises(DatabaseError) as raised:
+            db.read_through_conflicts(conn, read)
+    message = str(raised.value)
+    assert f"{db.SHORT_READ_ATTEMPTS} times" in message
+    assert "hot_standby_feedback" in message and "max_standby_streaming_delay" in message
+
+
+def test_an_error_other_than_a_conflict_is_not_read_again(source: Source) -> None:
+    calls: list[int] = []
+
+    def read() -> None:
+        calls.append(1)
+        conn.execute("SELECT * FROM no_such_table")
+
+    with (
+        psycopg.connect(source.standby("slow")) as conn,
+        pytest.raises(psycopg.errors.UndefinedTable),
+    ):
+        db.read_through_conflicts(conn, read)
+    assert calls == [1]
 
 
 # -- no writes on the source, measured in its WAL --------------------------------------------
