@@ -28,8 +28,9 @@ from app.log import log
 # tables, is not blocked by it.
 CHECK_INTERVAL = "1s"
 
-# Times a hot standby may cancel a short read of the source (a catalog or statistics
-# query, the lock) before the run gives up; the copy itself is retried whole, by its caller.
+# Times a hot standby may cancel a short read of the source (the session's set-up, the
+# lock, the identity check, the conflict counter) before the run gives up; the copy itself
+# is retried whole, by its caller.
 SHORT_READ_ATTEMPTS = 5
 
 
